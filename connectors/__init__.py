@@ -1,0 +1,1 @@
+"""Protocol edges: bytes in, Submission out; Delivery in, bytes out. No routing here."""

@@ -1,0 +1,97 @@
+"""The Relais process: opens the store, starts the writer and the listeners, stops cleanly.
+
+    >>> app = RelaisApp(load_config(Path("config.toml")))
+    >>> await app.start(); ...; await app.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+
+import structlog
+
+from connectors.mllp import MllpServer
+from engine.config import RelaisConfig, TlsSettings
+from engine.hl7_intake import Hl7Intake
+from engine.ingest import Ingestor
+from event_store import EventStore
+
+__all__ = ["RelaisApp", "server_ssl_context"]
+
+log = structlog.get_logger("relais.app")
+
+
+def server_ssl_context(tls: TlsSettings, config: RelaisConfig) -> ssl.SSLContext:
+    """A server context from the listener's TLS settings (TLS 1.2+ only)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.resolve(tls.cert), config.resolve(tls.key))
+    if tls.client_ca is not None:
+        ctx.load_verify_locations(cafile=config.resolve(tls.client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    elif tls.require_client_cert:
+        raise ValueError("tls.require_client_cert needs tls.client_ca")
+    return ctx
+
+
+class RelaisApp:
+    def __init__(self, config: RelaisConfig) -> None:
+        self.config = config
+        self.store: EventStore | None = None
+        self.ingestor: Ingestor | None = None
+        self.mllp: dict[str, MllpServer] = {}
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.store = await asyncio.to_thread(
+            EventStore.open,
+            cfg.store_url,
+            cfg.resolve(cfg.store.blob_dir),
+            cfg.store.inline_payload_limit,
+            cfg.store.lock_timeout,
+        )
+        self.ingestor = Ingestor(
+            self.store,
+            batch_window_ms=cfg.ingest.batch_window_ms,
+            max_batch=cfg.ingest.max_batch,
+            max_pending=cfg.ingest.max_pending,
+        )
+        await self.ingestor.start()
+        for listener in cfg.listeners.mllp:
+            server = MllpServer(
+                name=listener.name,
+                host=listener.host,
+                port=listener.port,
+                handler=Hl7Intake(listener, self.ingestor),
+                max_frame_bytes=listener.max_frame_bytes,
+                idle_timeout=listener.idle_timeout,
+                max_connections=listener.max_connections,
+                allowed_peers=listener.allowed_peers,
+                ssl_context=server_ssl_context(listener.tls, cfg) if listener.tls else None,
+            )
+            await server.start()
+            self.mllp[listener.name] = server
+        log.info("relais_started", store=self.store.dialect, listeners=list(self.mllp))
+
+    async def stop(self) -> None:
+        for server in self.mllp.values():
+            await server.stop()
+        self.mllp.clear()
+        if self.ingestor is not None:
+            await self.ingestor.stop()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+        log.info("relais_stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,152 @@
+"""`config.toml`, validated once at start-up into pydantic models.
+
+Paths in the file are relative to the file itself. An error names the file, the key and
+what was expected:  `config.toml: listeners.mllp[0].port: Input should be ... (got 'x')`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["ConfigError", "MllpListener", "RelaisConfig", "TlsSettings", "load_config"]
+
+DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"]
+
+
+class ConfigError(Exception):
+    """The configuration file is missing or invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Strict):
+    """TLS on a listener; with `client_ca`, clients must present a certificate it signed."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class MllpListener(_Strict):
+    name: str = "mllp"
+    host: str = "127.0.0.1"
+    port: int = Field(2575, ge=0, le=65535)
+    max_frame_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    idle_timeout: float = Field(300.0, gt=0, description="seconds without a byte before closing")
+    max_connections: int = Field(64, gt=0)
+    allowed_senders: list[str] = Field(
+        default_factory=list,
+        description="'APP|FACILITY' (MSH-3.1|MSH-4.1), '*' matches anything; empty = all",
+    )
+    allowed_peers: list[str] = Field(default_factory=list, description="CIDR; empty = all")
+    accepted_versions: list[str] = Field(default_factory=lambda: list(DEFAULT_VERSIONS))
+    validation: Literal["lenient", "strict"] = "lenient"
+    required_fields: list[str] = Field(
+        default_factory=list, description="terse paths that must be valued, e.g. 'PID-3'"
+    )
+    forbidden_fields: list[str] = Field(
+        default_factory=list, description="paths that must be empty (IHE PAM France: PID-2...)"
+    )
+    default_charset: str = Field(
+        "iso-8859-15", description="used when MSH-18 is empty and the bytes are not UTF-8"
+    )
+    tls: TlsSettings | None = None
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            ipaddress.ip_network(cidr, strict=False)
+        return v
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if s.count("|") != 1:
+                raise ValueError(f"{s!r} is not 'APPLICATION|FACILITY'")
+        return v
+
+    @field_validator("default_charset")
+    @classmethod
+    def _charset(cls, v: str) -> str:
+        import codecs
+
+        codecs.lookup(v)
+        return v
+
+
+class Listeners(_Strict):
+    mllp: list[MllpListener] = Field(default_factory=lambda: [MllpListener()])
+
+
+class StoreSettings(_Strict):
+    url: str = "sqlite:///data/relais.db"
+    blob_dir: Path = Path("data/blobs")
+    inline_payload_limit: int = Field(256 * 1024, ge=0)
+    lock_timeout: float = Field(
+        10.0, gt=0, description="seconds a commit waits for a locked SQLite database before failing"
+    )
+
+
+class IngestSettings(_Strict):
+    batch_window_ms: float = Field(
+        2.0, ge=0, description="how long the writer waits for more submissions before committing"
+    )
+    max_batch: int = Field(256, gt=0)
+    max_pending: int = Field(10000, gt=0, description="submissions queued before callers wait")
+
+
+class LogSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class RelaisConfig(_Strict):
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    listeners: Listeners = Field(default_factory=Listeners)
+    log: LogSettings = Field(default_factory=LogSettings)
+    base_dir: Path = Path(".")
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def store_url(self) -> str:
+        url = self.store.url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            return f"sqlite:///{self.resolve(Path(url[len('sqlite:///'):]))}"
+        return url
+
+
+def load_config(path: Path) -> RelaisConfig:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such configuration file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        config = RelaisConfig.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(
+                f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]
+            ).replace(".[", "[")
+            lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from e
+    names = [listener.name for listener in config.listeners.mllp]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"{path}: listeners.mllp: listener names must be unique (got {names})")
+    return config

@@ -1,0 +1,207 @@
+"""A small, strict-enough reader for HL7 v2 ER7 ("pipe") encoding.
+
+It reads the fields the engine needs on the ACK path in microseconds; hl7apy stays for
+full structural validation and for building messages where a whole structure is needed.
+
+    >>> msg = Er7Message.parse("MSH|^~\\&|APP|FAC|||20260101||ADT^A01|42|P|2.5\\rPID|||123^^^HOP&1.2&ISO^PI")
+    >>> msg.get("MSH-9.2"), msg.get("PID-3.4.2")
+    ('A01', '1.2')
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["Er7Error", "Er7Message", "Separators", "unescape"]
+
+_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+_PATH = re.compile(
+    r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
+    r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
+)
+
+
+class Er7Error(ValueError):
+    """The bytes are not readable as an ER7 message (no MSH, bad delimiters...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Separators:
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    @property
+    def encoding_characters(self) -> str:
+        return f"{self.component}{self.repetition}{self.escape}{self.subcomponent}"
+
+
+def unescape(value: str, seps: Separators) -> str:
+    """Resolve HL7 escape sequences (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\ \\.br\\)."""
+    esc = seps.escape
+    if not esc or esc not in value:
+        return value
+    out: list[str] = []
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if ch != esc:
+            out.append(ch)
+            i += 1
+            continue
+        end = value.find(esc, i + 1)
+        if end < 0:  # a lone escape character: keep it as sent
+            out.append(value[i:])
+            break
+        code = value[i + 1 : end]
+        if code == "F":
+            out.append(seps.field)
+        elif code == "S":
+            out.append(seps.component)
+        elif code == "T":
+            out.append(seps.subcomponent)
+        elif code == "R":
+            out.append(seps.repetition)
+        elif code == "E":
+            out.append(esc)
+        elif code == ".br":
+            out.append("\n")
+        elif code in ("H", "N"):
+            pass  # highlighting on/off carries no data
+        elif code[:1] == "X" and len(code) % 2 == 1:
+            try:
+                out.append(bytes.fromhex(code[1:]).decode("latin-1"))
+            except ValueError:
+                out.append(value[i : end + 1])
+        else:  # charset switches (\C..\, \M..\) and unknown codes are kept verbatim
+            out.append(value[i : end + 1])
+        i = end + 1
+    return "".join(out)
+
+
+class Er7Message:
+    """One HL7 v2 message read from its ER7 text; fields are split only when asked for."""
+
+    __slots__ = ("_fields", "segments", "separators")
+
+    def __init__(self, segments: list[str], separators: Separators) -> None:
+        self.segments = segments
+        self.separators = separators
+        self._fields: dict[int, list[str]] = {}
+
+    @classmethod
+    def parse(cls, text: str) -> Er7Message:
+        """Read ER7 text; segments may end with CR, LF or CRLF. Raises Er7Error."""
+        text = text.lstrip("\r\n \t\x00")
+        if not text.startswith("MSH") or len(text) < 8:
+            raise Er7Error("message does not start with an MSH segment")
+        field_sep = text[3]
+        if field_sep.isalnum() or field_sep in "\r\n ":
+            raise Er7Error("MSH-1 field separator is missing or invalid")
+        end = text.find(field_sep, 4)
+        enc = text[4:end] if end > 0 else text[4:8]
+        if len(enc) < 2 or field_sep in enc or any(c.isalnum() or c in "\r\n" for c in enc):
+            raise Er7Error("MSH-2 encoding characters are missing or invalid")
+        seps = Separators(
+            field=field_sep,
+            component=enc[0],
+            repetition=enc[1],
+            escape=enc[2] if len(enc) > 2 else "",
+            subcomponent=enc[3] if len(enc) > 3 else "&",
+        )
+        if "\r" in text:
+            raw = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
+        else:
+            raw = text.split("\n")
+        segments = [s for s in (r.rstrip() for r in raw) if s]
+        for seg in segments[1:]:
+            if not _SEGMENT_ID.match(seg[:3]) or (len(seg) > 3 and seg[3] != field_sep):
+                raise Er7Error(f"segment {len(segments)} has no valid segment ID")
+        return cls(segments, seps)
+
+    # -- structure ---------------------------------------------------------------------
+
+    def segment_ids(self) -> list[str]:
+        return [s[:3] for s in self.segments]
+
+    def _segment_fields(self, index: int) -> list[str]:
+        fields = self._fields.get(index)
+        if fields is None:
+            seg = self.segments[index]
+            fields = seg.split(self.separators.field)
+            if fields[0] == "MSH":
+                # MSH-1 is the field separator itself: shift so that fields[n] is MSH-n.
+                fields.insert(1, self.separators.field)
+            self._fields[index] = fields
+        return fields
+
+    def _segment_index(self, seg_id: str, occurrence: int = 1) -> int | None:
+        seen = 0
+        for i, seg in enumerate(self.segments):
+            if seg.startswith(seg_id) and (len(seg) == 3 or seg[3] == self.separators.field):
+                seen += 1
+                if seen == occurrence:
+                    return i
+        return None
+
+    def has_segment(self, seg_id: str) -> bool:
+        return self._segment_index(seg_id) is not None
+
+    def raw_field(self, seg_id: str, field: int, occurrence: int = 1) -> str:
+        """The escaped text of a whole field, all repetitions included ('' if absent)."""
+        idx = self._segment_index(seg_id, occurrence)
+        if idx is None:
+            return ""
+        fields = self._segment_fields(idx)
+        if seg_id == "MSH" and field in (1, 2):
+            return fields[field] if field < len(fields) else ""
+        return fields[field] if field < len(fields) else ""
+
+    def repetitions(self, seg_id: str, field: int, occurrence: int = 1) -> list[str]:
+        raw = self.raw_field(seg_id, field, occurrence)
+        if not raw:
+            return []
+        if seg_id == "MSH" and field == 2:
+            return [raw]
+        return raw.split(self.separators.repetition)
+
+    def components(self, repetition: str) -> list[list[str]]:
+        """Components of one repetition, each a list of unescaped sub-components."""
+        seps = self.separators
+        return [
+            [unescape(sub, seps) for sub in comp.split(seps.subcomponent)]
+            for comp in repetition.split(seps.component)
+        ]
+
+    def get(self, path: str, default: str = "") -> str:
+        """The unescaped value at a terse path: `PID-3`, `PID-3.4.2`, `PID-3(2).1`, `OBX[2]-5`.
+
+        Without a component the first component is returned (ER7's usual meaning of a
+        simple value); `(n)` picks a repetition, `[n]` a segment occurrence (1-based).
+        """
+        m = _PATH.match(path)
+        if not m or m.group("field") is None:
+            raise ValueError(f"not a field path: {path!r}")
+        seg_id = m.group("seg")
+        occurrence = int(m.group("occ") or 1)
+        field = int(m.group("field"))
+        rep = int(m.group("rep") or 1)
+        comp = int(m.group("comp") or 1)
+        sub = int(m.group("sub") or 1)
+        if seg_id == "MSH" and field in (1, 2):
+            return self.raw_field(seg_id, field) or default
+        reps = self.repetitions(seg_id, field, occurrence)
+        if len(reps) < rep:
+            return default
+        comps = reps[rep - 1].split(self.separators.component)
+        if len(comps) < comp:
+            return default
+        subs = comps[comp - 1].split(self.separators.subcomponent)
+        if len(subs) < sub:
+            return default
+        value = unescape(subs[sub - 1], self.separators)
+        return value if value else default

@@ -1,0 +1,238 @@
+"""Group commit: every submission waits here until its events are durable.
+
+One writer task drains the queue, turns the submissions into events (recognising
+resends), commits them in one transaction on a worker thread and only then completes
+each waiting caller with its `Receipt`. Nothing is acknowledged before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from event_store import (
+    Batch,
+    DuplicateReceived,
+    EventStore,
+    MessageIndexRow,
+    MessageReceived,
+    MessageRejected,
+)
+
+__all__ = ["IngestUnavailable", "Ingestor", "Receipt", "Submission", "Verdict"]
+
+log = structlog.get_logger("relais.ingest")
+
+
+class IngestUnavailable(Exception):
+    """The store could not commit: the caller must answer 'not stored, resend'."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the edge decided: accepted, or refused with a protocol code and a reason."""
+
+    status: str = "accepted"  # accepted | error | reject
+    ack_code: str = "AA"
+    error_code: str = ""
+    reason: str = ""
+    location: str = ""
+
+
+ACCEPTED = Verdict()
+
+
+@dataclass(slots=True)
+class Submission:
+    """A message as the edge read it: raw bytes, peer, metadata and the edge's verdict."""
+
+    listener: str
+    protocol: str
+    peer: str
+    payload: bytes
+    content_type: str
+    sender: str = ""
+    control_id: str = ""
+    message_type: str = ""
+    trigger_event: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    identifiers: tuple[tuple[str, str, str], ...] = ()
+    verdict: Verdict = ACCEPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The durable outcome of one submission (for a resend: the original's)."""
+
+    message_id: uuid.UUID
+    received_at: str
+    verdict: Verdict
+    duplicate: bool = False
+    flags: tuple[str, ...] = ()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class Ingestor:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        batch_window_ms: float = 0.0,
+        max_batch: int = 256,
+        max_pending: int = 10000,
+    ) -> None:
+        self.store = store
+        self.window = batch_window_ms / 1000.0
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[Submission, asyncio.Future[Receipt]]] = asyncio.Queue(
+            maxsize=max_pending
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.committed = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="relais-ingest-writer")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the writer."""
+        if self._task is None:
+            return
+        while not self._queue.empty():
+            await asyncio.sleep(0.005)
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def submit(self, submission: Submission) -> Receipt:
+        """Wait until the submission is durable; raises IngestUnavailable if it is not."""
+        if self._task is None or self._task.done():
+            raise IngestUnavailable("ingest writer is not running")
+        fut: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        await self._queue.put((submission, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            items = [await queue.get()]
+            if self.window:
+                await asyncio.sleep(self.window)
+            while len(items) < self.max_batch:
+                try:
+                    items.append(queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            try:
+                receipts = await asyncio.to_thread(self._commit, [s for s, _ in items])
+            except Exception as e:
+                log.error("batch_commit_failed", size=len(items), error=type(e).__name__, detail=str(e)[:200])
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(IngestUnavailable(type(e).__name__))
+                continue
+            self.committed += len(items)
+            for (_, fut), receipt in zip(items, receipts, strict=True):
+                if not fut.done():  # the caller may have gone (connection closed)
+                    fut.set_result(receipt)
+
+    # -- on the writer thread ----------------------------------------------------------
+
+    def _commit(self, submissions: list[Submission]) -> list[Receipt]:
+        store = self.store
+        batch = Batch()
+        receipts: list[Receipt] = []
+        seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        next_version: dict[uuid.UUID, int] = {}
+        for sub in submissions:
+            now = _now()
+            ref = batch.add_payload(sub.payload, sub.content_type, store.inline_limit)
+            flags: list[str] = []
+            if sub.control_id:
+                key = (sub.sender, sub.control_id)
+                earlier = seen.get(key)
+                if earlier is None:
+                    earlier = seen[key] = store.find_messages(*key)
+                original = next((r for r in earlier if r["payload_sha256"] == ref.sha256), None)
+                if original is not None:
+                    oid = uuid.UUID(original["message_id"])
+                    version = next_version.get(oid) or store.stream_head(oid)[0] + 1
+                    next_version[oid] = version + 1
+                    batch.events.append(
+                        (oid, version, DuplicateReceived(now, sub.listener, sub.peer))
+                    )
+                    receipts.append(
+                        Receipt(
+                            oid,
+                            original["received_at"],
+                            Verdict(
+                                original["status"], original["ack_code"], original["error_code"],
+                                original["reason"], original["location"],
+                            ),
+                            duplicate=True,
+                        )
+                    )  # fmt: skip
+                    continue
+                if earlier:
+                    flags.append("control_id_reused")
+            message_id = uuid.uuid4()
+            verdict = sub.verdict
+            batch.events.append(
+                (
+                    message_id,
+                    1,
+                    MessageReceived(now, sub.listener, sub.protocol, sub.peer, ref, sub.metadata, flags),
+                )
+            )
+            if verdict.status != "accepted":
+                batch.events.append(
+                    (
+                        message_id,
+                        2,
+                        MessageRejected(
+                            now, verdict.ack_code, verdict.error_code, verdict.reason, verdict.location
+                        ),
+                    )
+                )
+            row = MessageIndexRow(
+                message_id=str(message_id),
+                received_at=now,
+                listener=sub.listener,
+                protocol=sub.protocol,
+                peer=sub.peer,
+                sender=sub.sender,
+                control_id=sub.control_id,
+                message_type=sub.message_type,
+                trigger_event=sub.trigger_event,
+                payload_sha256=ref.sha256,
+                payload_inline=ref.inline,
+                status=verdict.status,
+                ack_code=verdict.ack_code,
+                error_code=verdict.error_code,
+                reason=verdict.reason,
+                location=verdict.location,
+                identifiers=sub.identifiers,
+            )
+            batch.index.append(row)
+            if sub.control_id:
+                seen[(sub.sender, sub.control_id)].append(
+                    {
+                        "message_id": str(message_id), "received_at": now,
+                        "payload_sha256": ref.sha256, "status": verdict.status,
+                        "ack_code": verdict.ack_code, "error_code": verdict.error_code,
+                        "reason": verdict.reason, "location": verdict.location,
+                    }
+                )  # fmt: skip
+            receipts.append(Receipt(message_id, now, verdict, flags=tuple(flags)))
+        store.commit(batch)
+        return receipts

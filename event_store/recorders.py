@@ -1,0 +1,170 @@
+"""eventsourcing's own SQLite and PostgreSQL recorders, extended to write Relais's side
+tables (inline payloads, message index) in the same transaction as the events.
+
+The library's `_insert_events` hook runs inside the recorder's transaction on both
+backends; we add our rows there, so an event, its payload and its index row commit or
+fail together.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.sqlite import (
+    SQLiteApplicationRecorder,
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteCursor,
+    SQLiteDatastore,
+)
+
+__all__ = ["SideRows", "open_recorder"]
+
+# Our side tables. Written with '?' placeholders and portable SQL (SQLite ≥ 3.24 and
+# PostgreSQL both take ON CONFLICT DO NOTHING); '?' becomes '%s' for psycopg.
+SIDE_TABLES = [
+    """CREATE TABLE IF NOT EXISTS relais_payloads (
+        sha256 TEXT PRIMARY KEY, content_type TEXT NOT NULL, size BIGINT NOT NULL,
+        data {blob} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS relais_messages (
+        message_id TEXT PRIMARY KEY, received_at TEXT NOT NULL, listener TEXT NOT NULL,
+        protocol TEXT NOT NULL, peer TEXT NOT NULL, sender TEXT NOT NULL,
+        control_id TEXT NOT NULL, message_type TEXT NOT NULL, trigger_event TEXT NOT NULL,
+        payload_sha256 TEXT NOT NULL, payload_inline INTEGER NOT NULL,
+        status TEXT NOT NULL, ack_code TEXT NOT NULL,
+        error_code TEXT NOT NULL, reason TEXT NOT NULL, location TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS relais_messages_sender_ctl ON relais_messages (sender, control_id)",
+    "CREATE INDEX IF NOT EXISTS relais_messages_received ON relais_messages (received_at)",
+    "CREATE INDEX IF NOT EXISTS relais_messages_payload ON relais_messages (payload_sha256)",
+    """CREATE TABLE IF NOT EXISTS relais_identifiers (
+        message_id TEXT NOT NULL, value TEXT NOT NULL, id_type TEXT NOT NULL,
+        authority TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS relais_identifiers_value ON relais_identifiers (value)",
+]
+INSERT_PAYLOAD = (
+    "INSERT INTO relais_payloads (sha256, content_type, size, data) VALUES (?,?,?,?) "
+    "ON CONFLICT DO NOTHING"
+)
+INSERT_MESSAGE = (
+    "INSERT INTO relais_messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+INSERT_IDENTIFIER = "INSERT INTO relais_identifiers VALUES (?,?,?,?)"
+
+
+@dataclass
+class SideRows:
+    """Rows to write beside one batch of events."""
+
+    payloads: list[tuple[str, str, int, bytes]] = field(default_factory=list)
+    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    identifiers: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
+class _DurableSQLitePool(SQLiteConnectionPool):
+    """WAL with synchronous=FULL: a commit is on disk when it returns."""
+
+    busy_timeout_ms = 10000.0
+
+    def _create_connection(self) -> SQLiteConnection:
+        conn = super()._create_connection()
+        conn._sqlite_conn.execute("PRAGMA synchronous=FULL")
+        conn._sqlite_conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+        return conn
+
+
+class RelaisSQLiteRecorder(SQLiteApplicationRecorder):
+    dialect = "sqlite"
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            *(s.format(blob="BLOB") for s in SIDE_TABLES),
+        ]
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        side: SideRows | None = kwargs.get("side")
+        if side is not None:
+            if side.payloads:
+                c.executemany(INSERT_PAYLOAD, side.payloads)
+            if side.messages:
+                c.executemany(INSERT_MESSAGE, side.messages)
+            if side.identifiers:
+                c.executemany(INSERT_IDENTIFIER, side.identifiers)
+        return super()._insert_events(c, stored_events, **kwargs)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(sql, params)
+            return [dict(row) for row in c.fetchall()]
+
+
+class RelaisPostgresRecorder(PostgresApplicationRecorder):
+    dialect = "postgres"
+
+    def __init__(self, datastore: PostgresDatastore) -> None:
+        super().__init__(datastore)
+        from psycopg.sql import SQL
+
+        self.sql_create_statements.extend(SQL(s.format(blob="BYTEA")) for s in SIDE_TABLES)  # type: ignore[arg-type]
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        side: SideRows | None = kwargs.get("side")
+        if side is None:
+            return
+        if side.payloads:
+            curs.executemany(INSERT_PAYLOAD.replace("?", "%s"), side.payloads)
+        if side.messages:
+            curs.executemany(INSERT_MESSAGE.replace("?", "%s"), side.messages)
+        if side.identifiers:
+            curs.executemany(INSERT_IDENTIFIER.replace("?", "%s"), side.identifiers)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(sql.replace("?", "%s"), list(params))
+            return [dict(row) for row in curs.fetchall()]
+
+
+Recorder = RelaisSQLiteRecorder | RelaisPostgresRecorder
+
+
+def open_recorder(url: str, lock_timeout: float = 10.0) -> Recorder:
+    """A recorder for `sqlite:///path/to/file.db` or `postgresql://user@host:port/db`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = unquote(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ValueError(f"SQLite URL needs a file path: {url!r} (sqlite:///data/relais.db)")
+        if sqlite3.sqlite_version_info < (3, 24):
+            raise RuntimeError("SQLite ≥ 3.24 is required (ON CONFLICT)")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        datastore = SQLiteDatastore(db_name=path, pool_size=4, max_overflow=8)
+        datastore.pool.close()
+        pool = _DurableSQLitePool(db_name=path, pool_size=4, max_overflow=8)
+        pool.busy_timeout_ms = lock_timeout * 1000
+        datastore.pool = pool
+        sqlite_recorder = RelaisSQLiteRecorder(datastore)
+        sqlite_recorder.create_table()
+        return sqlite_recorder
+    if parsed.scheme in ("postgresql", "postgres"):
+        pg = PostgresDatastore(
+            dbname=(parsed.path or "/").lstrip("/") or "postgres",
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 5432,
+            user=unquote(parsed.username or "postgres"),
+            password=unquote(parsed.password or ""),
+            pool_size=4,
+            max_overflow=4,
+        )
+        pg_recorder = RelaisPostgresRecorder(pg)
+        pg_recorder.create_table()
+        return pg_recorder
+    raise ValueError(f"unsupported store URL scheme {parsed.scheme!r}: use sqlite:/// or postgresql://")

@@ -97,7 +97,9 @@ def relais(tmp_path: Path) -> Iterator[Callable[..., RunningRelais]]:
     started: list[RunningRelais] = []
 
     def factory(**overrides: Any) -> RunningRelais:
-        running = start_relais(make_config(tmp_path, **overrides))
+        home = tmp_path / f"relais{len(started)}"
+        home.mkdir()
+        running = start_relais(make_config(home, **overrides))
         started.append(running)
         return running
 

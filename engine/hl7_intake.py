@@ -8,8 +8,8 @@ commit, answer per the acknowledgement mode (original AA/AE/AR, enhanced CA/CE/C
 from __future__ import annotations
 
 import asyncio
-import codecs
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +31,14 @@ _CHARSETS = {
     "UNICODE UTF-8": "utf-8",
     "UNICODE": "utf-8",
     "UTF-8": "utf-8",
-    **{f"8859/{n}": f"iso-8859-{n}" for n in range(1, 16)},
+    # HL7 table 0211 names ISO 8859 parts 1-9 and 15 (there is no 8859-12 codec at all)
+    **{f"8859/{n}": f"iso-8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
 }
 
 
 def _charset_field(raw: bytes) -> str:
     """MSH-18 read from the raw bytes (delimiters are ASCII in every HL7 charset)."""
+    raw = raw.lstrip(b"\xef\xbb\xbf\r\n \t\x00")  # the junk Er7Message.parse skips too
     end = raw.find(b"\r")
     msh = raw[: end if end >= 0 else len(raw)].split(b"\n", 1)[0]
     if not msh.startswith(b"MSH") or len(msh) < 4:
@@ -52,12 +54,10 @@ def decode_hl7(raw: bytes, default_charset: str) -> tuple[str, str, list[str]]:
     """(text, codec used, flags) following MSH-18, else UTF-8, else the default charset."""
     declared = _charset_field(raw)
     flags: list[str] = []
-    if declared:
-        codec = _CHARSETS.get(declared.upper())
-        if codec is None:
+    codec = _CHARSETS.get(declared.upper()) if declared else None
+    if codec is None:
+        if declared:
             flags.append("unknown_charset")
-            codec = default_charset
-    else:
         try:
             return raw.decode("utf-8"), "utf-8", flags
         except UnicodeDecodeError:
@@ -305,7 +305,7 @@ def _now_iso() -> str:
 
 
 def _strict_verdict(text: str, mode: _Mode) -> Verdict:
-    """hl7apy's strict validation against the v2.5 structures (costly: ~30 ms a message)."""
+    """hl7apy's strict validation against the HL7 structures (costly: ~30 ms a message)."""
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.exceptions import HL7apyException
     from hl7apy.parser import parse_message
@@ -314,12 +314,13 @@ def _strict_verdict(text: str, mode: _Mode) -> Verdict:
         parsed = parse_message(text.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT)
         parsed.validate()
     except HL7apyException as e:
-        name = type(e).__name__
-        code = {"ChildNotFound": "101", "MaxChildLimitReached": "100", "ChildNotValid": "100",
-                "InvalidDataType": "102", "MaxLengthReached": "102"}.get(name, "100")  # fmt: skip
-        return Verdict("error", mode.code("error"), code, f"strict validation: {name}: {e}"[:300], "")
-    except Exception as e:  # hl7apy raises plain errors on some malformed input
-        return Verdict("error", mode.code("error"), "100", f"strict validation failed: {type(e).__name__}", "")
+        detail = str(e)
+        missing = re.search(r"Missing required child \w+\.(\w+)", detail)
+        code = "101" if missing else "102" if "datatype" in detail.lower() else "100"
+        location = missing.group(1).replace("_", "-") if missing else ""
+        return Verdict("error", mode.code("error"), code, f"strict validation: {detail}"[:300], location)
+    except ValueError as e:  # hl7apy raises plain ValueError for badly formatted values
+        return Verdict("error", mode.code("error"), "102", f"strict validation: bad value: {e}"[:300], "")
     return Verdict("accepted", mode.code("accepted"))
 
 

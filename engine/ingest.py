@@ -224,6 +224,7 @@ class Ingestor:
                 identifiers=sub.identifiers,
             )
             batch.index.append(row)
+            next_version[message_id] = 3 if verdict.status != "accepted" else 2
             if sub.control_id:
                 seen[(sub.sender, sub.control_id)].append(
                     {

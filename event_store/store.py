@@ -102,7 +102,7 @@ class ChainReport:
 def event_hash(originator_id: UUID, version: int, topic: str, state: bytes) -> str:
     h = hashlib.sha256()
     h.update(f"{originator_id.hex}\n{version}\n{topic}\n".encode())
-    h.update(state)
+    h.update(state if isinstance(state, bytes | bytearray | memoryview) else str(state).encode())
     return h.hexdigest()
 
 

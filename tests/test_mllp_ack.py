@@ -220,3 +220,16 @@ def test_mllp_send_command_line_client(relais, tmp_path: Path) -> None:
     acks = [hl7.parse(a.strip()) for a in result.stdout.decode().split("\x1c") if "MSA" in a]
     assert [str(a.segment("MSA")[1]) for a in acks] == ["AA", "AA"]
     assert len(running.store.query("SELECT * FROM relais_messages")) == 2
+
+
+def test_strict_listener_validates_with_hl7apy(relais) -> None:
+    running = relais(listeners={"mllp": [{"port": 0, "validation": "strict"}]})
+    assert send(running.port, adt("A01")).get("MSA-1") == "AA"
+    without_pid = "\r".join(s for s in adt("A01").split("\r") if not s.startswith("PID"))
+    ack = send(running.port, without_pid)
+    assert ack.get("MSA-1") == "AE" and ack.get("ERR-3.1") == "101" and ack.get("ERR-2.1") == "PID"
+    ack = send(running.port, adt("A01").replace("19850615", "NOTADATE"))
+    assert ack.get("MSA-1") == "AE" and ack.get("ERR-3.1") == "102"
+    # The lenient default keeps what real senders send.
+    lenient = relais()
+    assert send(lenient.port, adt("A01").replace("19850615", "NOTADATE")).get("MSA-1") == "AA"

@@ -1,0 +1,128 @@
+"""The event store contract, run against SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from event_store import Batch, DuplicateReceived, EventStore, MessageIndexRow, MessageReceived
+from event_store.integrity import check_payloads
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = EventStore.open(url, tmp_path / "blobs", inline_limit=1000)
+    yield s
+    s.close()
+
+
+def received(payload_ref, **meta) -> MessageReceived:
+    return MessageReceived("2026-11-23T10:00:00+00:00", "mllp", "mllp", "127.0.0.1:1", payload_ref, meta)
+
+
+def one_message(store: EventStore, payload: bytes, control_id: str = "C1") -> uuid.UUID:
+    batch = Batch()
+    ref = batch.add_payload(payload, "application/hl7-v2", store.inline_limit)
+    mid = uuid.uuid4()
+    batch.events.append((mid, 1, received(ref, control_id=control_id)))
+    batch.index.append(
+        MessageIndexRow(str(mid), "2026-11-23T10:00:00+00:00", "mllp", "mllp", "127.0.0.1:1", "A|B",
+                        control_id, "ADT", "A01", ref.sha256, ref.inline, "accepted", "AA",
+                        identifiers=(("260058815400233", "INS", "1.2.250.1.213.1.4.8"),))
+    )  # fmt: skip
+    store.commit(batch)
+    return mid
+
+
+def test_small_payload_commits_inline_and_large_one_goes_to_blob_folder(store: EventStore) -> None:
+    small, large = b"MSH|small", b"MSH|" + b"x" * 5000
+    one_message(store, small, "S")
+    mid = one_message(store, large, "L")
+    [event] = store.events_of(mid)
+    sha = event.event["payload"]["sha256"]
+    assert event.event["payload"]["inline"] is False and store.blobs.exists(sha)
+    assert store.payload(sha) == large
+    rows = store.query("SELECT payload_sha256, payload_inline FROM relais_messages ORDER BY control_id")
+    assert [r["payload_inline"] for r in rows] == [0, 1]  # L, S
+    assert check_payloads(store).missing == []
+
+
+def test_events_chain_and_verify_detects_tampering(store: EventStore) -> None:
+    first = one_message(store, b"MSH|one", "1")
+    one_message(store, b"MSH|two", "2")
+    batch = Batch()
+    batch.events.append((first, 2, DuplicateReceived("2026-11-23T10:01:00+00:00", "mllp", "127.0.0.1:2")))
+    store.commit(batch)
+    report = store.verify_chain()
+    assert report.ok and report.events == 3
+    events = store.events_of(first)
+    assert events[1].stream_prev == events[0].hash
+    # Someone edits the first event in the database: the chain no longer verifies.
+    table = "stored_events"
+    if store.dialect == "sqlite":
+        import sqlite3
+
+        path = store.recorder.datastore.pool.db_name
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                f"UPDATE {table} SET state = CAST(replace(state, 'mllp', 'MLLP') AS BLOB) WHERE originator_id = ?",
+                (first.hex,),
+            )
+    else:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 dbname=test user=postgres", autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE {table} SET state = convert_to(replace(convert_from(state, 'UTF8'), "
+                "'mllp', 'MLLP'), 'UTF8') WHERE originator_id = %s AND originator_version = 1",
+                (first,),
+            )
+    assert not store.verify_chain().ok
+
+
+def test_a_failed_commit_leaves_nothing_and_the_chain_intact(store: EventStore) -> None:
+    mid = one_message(store, b"MSH|one", "1")
+    head = store.verify_chain().head
+    batch = Batch()
+    ref = batch.add_payload(b"MSH|two", "application/hl7-v2", store.inline_limit)
+    batch.events.append((uuid.uuid4(), 1, received(ref)))
+    batch.events.append((mid, 1, received(ref)))  # version 1 of an existing stream: conflict
+    with pytest.raises(Exception):  # noqa: B017 - the backend's integrity error
+        store.commit(batch)
+    assert store.verify_chain().head == head
+    assert len(store.query("SELECT * FROM relais_payloads")) == 1
+    one_message(store, b"MSH|three", "3")
+    assert store.verify_chain().ok
+
+
+def test_store_reopens_with_its_chain_head(store: EventStore, tmp_path: Path) -> None:
+    one_message(store, b"MSH|one", "1")
+    url = store.recorder.datastore.pool.db_name if store.dialect == "sqlite" else None
+    head = store.verify_chain().head
+    store.close()
+    reopened = EventStore.open(
+        f"sqlite:///{url}" if url else "postgresql://postgres@127.0.0.1:5432/test", tmp_path / "blobs", 1000
+    )
+    try:
+        one_message(reopened, b"MSH|two", "2")
+        report = reopened.verify_chain()
+        assert report.ok and report.events == 2
+        assert list(reopened.read_log())[1].log_prev == head
+    finally:
+        reopened.close()
+
+
+def test_orphan_blob_is_reported_but_harmless(store: EventStore) -> None:
+    store.blobs.put("ab" * 32, b"bytes without an event")
+    report = check_payloads(store)
+    assert report.orphans == ["ab" * 32] and report.missing == []
+
+
+def test_event_without_its_blob_is_reported_missing(store: EventStore) -> None:
+    mid = one_message(store, b"MSH|" + b"z" * 3000, "Z")
+    sha = store.events_of(mid)[0].event["payload"]["sha256"]
+    store.blobs.path_of(sha).unlink()
+    assert check_payloads(store).missing == [sha]

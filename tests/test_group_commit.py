@@ -1,0 +1,77 @@
+"""Group commit: batches from concurrent senders, NAK for all when the store cannot commit."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from hl7.client import MLLPClient
+
+from engine.er7 import Er7Message
+from tests.conftest import adt
+
+
+def send_many(port: int, count: int) -> list[tuple[str, str]]:
+    out = []
+    with MLLPClient("127.0.0.1", port) as client:
+        for _ in range(count):
+            message = adt()
+            raw = client.send_message(message)
+            ack = Er7Message.parse(raw.strip(b"\x0b\x1c\r").decode())
+            out.append((Er7Message.parse(message).get("MSH-10"), ack.get("MSA-1")))
+    return out
+
+
+def test_concurrent_senders_are_all_acked_and_stored_once(relais) -> None:
+    running = relais()
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for batch in pool.map(lambda _: send_many(running.port, 40), range(8)) for r in batch]
+    assert {code for _, code in results} == {"AA"}
+    stored = {r["control_id"] for r in running.store.query("SELECT control_id FROM relais_messages")}
+    assert stored == {cid for cid, _ in results}
+    assert running.store.verify_chain().ok
+
+
+def test_store_that_cannot_commit_naks_and_the_listener_survives(relais) -> None:
+    running = relais(store={"url": "sqlite:///relais.db", "blob_dir": "blobs", "lock_timeout": 0.2})
+    db = running.config.base_dir / "relais.db"
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        original = adt()
+        enhanced = adt(accept_ack="AL")
+        with MLLPClient("127.0.0.1", running.port) as client:
+            nak = Er7Message.parse(client.send_message(original).strip(b"\x0b\x1c\r").decode())
+            cr = Er7Message.parse(client.send_message(enhanced).strip(b"\x0b\x1c\r").decode())
+        assert nak.get("MSA-1") == "AR" and nak.get("ERR-3.1") == "207"
+        assert "resend" in nak.get("MSA-3")
+        assert cr.get("MSA-1") == "CR"
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    # Nothing was stored while locked; the same messages resent now are accepted.
+    assert running.store.query("SELECT * FROM relais_messages") == []
+    with MLLPClient("127.0.0.1", running.port) as client:
+        ack = Er7Message.parse(client.send_message(original).strip(b"\x0b\x1c\r").decode())
+    assert ack.get("MSA-1") == "AA"
+    assert running.store.verify_chain().ok
+
+
+def test_duplicates_inside_one_batch_are_recognised(relais) -> None:
+    running = relais(ingest={"batch_window_ms": 50})
+    message = adt(control_id=f"SAME-{uuid.uuid4().hex[:8]}")
+    barrier = threading.Barrier(4)
+
+    def one() -> str:
+        with MLLPClient("127.0.0.1", running.port) as client:
+            barrier.wait()
+            return Er7Message.parse(client.send_message(message).strip(b"\x0b\x1c\r").decode()).get("MSA-1")
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: one(), range(4)))
+    assert codes == ["AA"] * 4
+    [row] = running.store.query("SELECT message_id FROM relais_messages")
+    topics = [e.topic for e in running.store.events_of(uuid.UUID(row["message_id"]))]
+    assert topics == ["relais.MessageReceived"] + ["relais.DuplicateReceived"] * 3

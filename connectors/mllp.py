@@ -9,6 +9,7 @@ means is the handler's business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import ssl
 from collections.abc import Awaitable
@@ -110,10 +111,8 @@ class MllpServer:
         finally:
             self._connections.discard(task)
             writer.close()
-            try:
+            with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-            except (TimeoutError, ConnectionError, ssl.SSLError):
-                pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         buf = bytearray()
@@ -130,7 +129,9 @@ class MllpServer:
                 return
             if not data:
                 if in_frame and len(buf) > 1:
-                    await handler.truncated(bytes(buf[1:]), peer, "connection closed in the middle of a frame")
+                    await handler.truncated(
+                        bytes(buf[1:]), peer, "connection closed in the middle of a frame"
+                    )
                 return
             buf += data
             while True:

@@ -90,7 +90,11 @@ def build_ack(
         erl = c.join([loc[0], "1", *loc[1:2]]) if loc else ""
         err3 = c.join([error_code, escape(_TABLE_0357.get(error_code, ""), seps), "HL70357"])
         legacy = version[:3] < "2.5"
-        err1 = c.join([*([loc[0], "1", *loc[1:2]] if loc else ["", "", ""]), err3.replace(c, seps.subcomponent)]) if legacy else ""
+        err1 = (
+            c.join([*([loc[0], "1", *loc[1:2]] if loc else ["", "", ""]), err3.replace(c, seps.subcomponent)])
+            if legacy
+            else ""
+        )
         severity = "W" if code in ("AA", "CA") else "E"
         segments.append(f.join(["ERR", err1, erl, err3, severity, "", "", "", escape(reason, seps)]))
     return "\r".join(segments) + "\r"

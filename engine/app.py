@@ -1,7 +1,7 @@
 """The Relais process: opens the store, starts the writer and the listeners, stops cleanly.
 
-    >>> app = RelaisApp(load_config(Path("config.toml")))
-    >>> await app.start(); ...; await app.stop()
+>>> app = RelaisApp(load_config(Path("config.toml")))
+>>> await app.start(); ...; await app.stop()
 """
 
 from __future__ import annotations

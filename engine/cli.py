@@ -1,10 +1,10 @@
 """The `relais` command: run the engine, look at stored messages, verify the log.
 
-    relais run --config config.toml
-    relais messages list --type ADT^A01 --patient 260058815400233 --json
-    relais messages show <message-id>
-    relais verify        # hash chain
-    relais check         # payloads: events without payload (never), orphan blobs
+relais run --config config.toml
+relais messages list --type ADT^A01 --patient 260058815400233 --json
+relais messages show <message-id>
+relais verify        # hash chain
+relais check         # payloads: events without payload (never), orphan blobs
 """
 
 from __future__ import annotations
@@ -125,8 +125,7 @@ def _cmd_show(config: RelaisConfig, args: argparse.Namespace) -> int:
             "id": str(message_id),
             "metadata": first.get("metadata", {}),
             "events": [
-                {"version": e.version, "type": e.topic.removeprefix("relais."), **e.event}
-                for e in events
+                {"version": e.version, "type": e.topic.removeprefix("relais."), **e.event} for e in events
             ],
             "payload": payload.decode("latin-1"),
         }
@@ -140,7 +139,11 @@ def _cmd_show(config: RelaisConfig, args: argparse.Namespace) -> int:
         detail = {k: v for k, v in e.event.items() if k not in ("metadata", "payload")}
         print(f"  {e.version} {e.topic.removeprefix('relais.')} {orjson.dumps(detail).decode()}")
     print(f"payload ({payload_ref.get('size')} bytes, sha256 {payload_ref.get('sha256')}):")
-    print(payload.decode(first.get("metadata", {}).get("decoded_as") or "latin-1", errors="replace").replace("\r", "\n"))
+    print(
+        payload.decode(first.get("metadata", {}).get("decoded_as") or "latin-1", errors="replace").replace(
+            "\r", "\n"
+        )
+    )
     return 0
 
 
@@ -197,7 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_show)
     sub.add_parser("verify", help="check the hash chain of the whole log").set_defaults(func=_cmd_verify)
-    sub.add_parser("check", help="check payloads: missing ones and orphan blobs").set_defaults(func=_cmd_check)
+    sub.add_parser("check", help="check payloads: missing ones and orphan blobs").set_defaults(
+        func=_cmd_check
+    )
     for sp in (run, ls, show, *(sub.choices[c] for c in ("verify", "check"))):
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return p

@@ -125,7 +125,7 @@ class RelaisConfig(_Strict):
     def store_url(self) -> str:
         url = self.store.url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-            return f"sqlite:///{self.resolve(Path(url[len('sqlite:///'):]))}"
+            return f"sqlite:///{self.resolve(Path(url[len('sqlite:///') :]))}"
         return url
 
 
@@ -141,9 +141,7 @@ def load_config(path: Path) -> RelaisConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            key = ".".join(
-                f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]
-            ).replace(".[", "[")
+            key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
             lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from e
     names = [listener.name for listener in config.listeners.mllp]

@@ -92,31 +92,29 @@ class Ingestor:
         self.store = store
         self.window = batch_window_ms / 1000.0
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[Submission, asyncio.Future[Receipt]]] = asyncio.Queue(
+        # None is the stop sentinel: everything queued before it is committed first.
+        self._queue: asyncio.Queue[tuple[Submission, asyncio.Future[Receipt]] | None] = asyncio.Queue(
             maxsize=max_pending
         )
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.committed = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relais-ingest-writer")
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop the writer."""
+        """Commit what is queued, then stop the writer."""
         if self._task is None:
             return
-        while not self._queue.empty():
-            await asyncio.sleep(0.005)
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        self._stopping = True
+        await self._queue.put(None)
+        await self._task
         self._task = None
 
     async def submit(self, submission: Submission) -> Receipt:
         """Wait until the submission is durable; raises IngestUnavailable if it is not."""
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._stopping:
             raise IngestUnavailable("ingest writer is not running")
         fut: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
         await self._queue.put((submission, fut))
@@ -124,27 +122,38 @@ class Ingestor:
 
     async def _run(self) -> None:
         queue = self._queue
-        while True:
-            items = [await queue.get()]
+        stopping = False
+        while not stopping:
+            first = await queue.get()
+            if first is None:
+                return
+            items = [first]
             if self.window:
                 await asyncio.sleep(self.window)
             while len(items) < self.max_batch:
                 try:
-                    items.append(queue.get_nowait())
+                    item = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     break
-            try:
-                receipts = await asyncio.to_thread(self._commit, [s for s, _ in items])
-            except Exception as e:
-                log.error("batch_commit_failed", size=len(items), error=type(e).__name__, detail=str(e)[:200])
-                for _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(IngestUnavailable(type(e).__name__))
-                continue
-            self.committed += len(items)
-            for (_, fut), receipt in zip(items, receipts, strict=True):
-                if not fut.done():  # the caller may have gone (connection closed)
-                    fut.set_result(receipt)
+                if item is None:
+                    stopping = True
+                    break
+                items.append(item)
+            await self._commit_and_answer(items)
+
+    async def _commit_and_answer(self, items: list[tuple[Submission, asyncio.Future[Receipt]]]) -> None:
+        try:
+            receipts = await asyncio.to_thread(self._commit, [s for s, _ in items])
+        except Exception as e:
+            log.error("batch_commit_failed", size=len(items), error=type(e).__name__, detail=str(e)[:200])
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(IngestUnavailable(type(e).__name__))
+            return
+        self.committed += len(items)
+        for (_, fut), receipt in zip(items, receipts, strict=True):
+            if not fut.done():  # the caller may have gone (connection closed)
+                fut.set_result(receipt)
 
     # -- on the writer thread ----------------------------------------------------------
 
@@ -168,9 +177,7 @@ class Ingestor:
                     oid = uuid.UUID(original["message_id"])
                     version = next_version.get(oid) or store.stream_head(oid)[0] + 1
                     next_version[oid] = version + 1
-                    batch.events.append(
-                        (oid, version, DuplicateReceived(now, sub.listener, sub.peer))
-                    )
+                    batch.events.append((oid, version, DuplicateReceived(now, sub.listener, sub.peer)))
                     receipts.append(
                         Receipt(
                             oid,

@@ -49,12 +49,9 @@ SIDE_TABLES = [
     "CREATE INDEX IF NOT EXISTS relais_identifiers_value ON relais_identifiers (value)",
 ]
 INSERT_PAYLOAD = (
-    "INSERT INTO relais_payloads (sha256, content_type, size, data) VALUES (?,?,?,?) "
-    "ON CONFLICT DO NOTHING"
+    "INSERT INTO relais_payloads (sha256, content_type, size, data) VALUES (?,?,?,?) ON CONFLICT DO NOTHING"
 )
-INSERT_MESSAGE = (
-    "INSERT INTO relais_messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+INSERT_MESSAGE = "INSERT INTO relais_messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 INSERT_IDENTIFIER = "INSERT INTO relais_identifiers VALUES (?,?,?,?)"
 
 

@@ -182,9 +182,7 @@ class EventStore:
                     if ref.inline
                 ],
                 messages=[_index_tuple(row) for row in batch.index],
-                identifiers=[
-                    (row.message_id, *ident) for row in batch.index for ident in row.identifiers
-                ],
+                identifiers=[(row.message_id, *ident) for row in batch.index for ident in row.identifiers],
             )
             positions = self.recorder.insert_events(stored, side=side) or []
             self._log_head = log_head
@@ -251,9 +249,7 @@ class EventStore:
                 report.problems.append(f"position {rec.position}: log link broken")
             expected_stream = stream_heads.get(rec.originator_id, GENESIS)
             if rec.stream_prev != expected_stream:
-                report.problems.append(
-                    f"position {rec.position}: stream link broken for {rec.originator_id}"
-                )
+                report.problems.append(f"position {rec.position}: stream link broken for {rec.originator_id}")
             stream_heads[rec.originator_id] = rec.hash
             log_head = rec.hash
         report.head = log_head

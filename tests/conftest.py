@@ -79,8 +79,9 @@ def start_relais(config: RelaisConfig) -> RunningRelais:
             finally:
                 started.set()
 
-        loop.create_task(boot())
+        boot_task = loop.create_task(boot())
         loop.run_forever()
+        del boot_task
 
     thread = threading.Thread(target=run, name="relais-under-test", daemon=True)
     thread.start()

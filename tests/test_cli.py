@@ -38,7 +38,9 @@ def write_config(
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([RELAIS, "--config", str(config), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [RELAIS, "--config", str(config), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture

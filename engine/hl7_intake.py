@@ -161,17 +161,18 @@ class Hl7Intake:
     async def handle(self, raw: bytes, peer: str) -> bytes | None:
         """The encoded ACK for one message, or None when no answer is due."""
         text, codec, flags = decode_hl7(raw, self.listener.default_charset)
+        msg: Er7Message | None
         try:
-            msg: Er7Message | None = Er7Message.parse(text)
+            msg = parsed = Er7Message.parse(text)
         except Er7Error as e:
             msg = None
             meta: dict[str, Any] = {"unreadable": str(e)}
             mode = _ORIGINAL
             verdict = Verdict("reject", "AR", "100", f"not an HL7 v2 message: {e}", "MSH")
         else:
-            meta = read_metadata(msg)
+            meta = read_metadata(parsed)
             mode = _mode_of(meta)
-            verdict = self._check(msg, meta, mode)
+            verdict = self._check(parsed, meta, mode)
             if verdict.status == "accepted" and self.listener.validation == "strict":
                 verdict = await asyncio.to_thread(_strict_verdict, text, mode)
         meta["decoded_as"] = codec

@@ -109,9 +109,9 @@ class RelaisPostgresRecorder(PostgresApplicationRecorder):
 
     def __init__(self, datastore: PostgresDatastore) -> None:
         super().__init__(datastore)
-        from psycopg.sql import SQL
+        from psycopg.sql import SQL, Composed
 
-        self.sql_create_statements.extend(SQL(s.format(blob="BYTEA")) for s in SIDE_TABLES)  # type: ignore[arg-type]
+        self.sql_create_statements.extend(Composed([SQL(s.format(blob="BYTEA"))]) for s in SIDE_TABLES)
 
     def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         side: SideRows | None = kwargs.get("side")

@@ -144,7 +144,7 @@ class EventStore:
         if not rows:
             return 0, GENESIS
         s = rows[0]
-        return s.originator_version, event_hash(s.originator_id, s.originator_version, s.topic, s.state)
+        return s.originator_version, event_hash(originator_id, s.originator_version, s.topic, s.state)
 
     def commit(self, batch: Batch) -> list[int]:
         """Write the batch atomically; large payloads are fsynced before the transaction.

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 
 __all__ = ["Er7Error", "Er7Message", "Separators", "unescape"]
 
+_LEADING_JUNK = "\ufeff\r\n \t\x00"  # BOM, blank lines, NULs some senders put before MSH
 _SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _PATH = re.compile(
     r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
     r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
 )
+
+
+_POSITIONS = ("occ", "field", "rep", "comp", "sub")
 
 
 class Er7Error(ValueError):
@@ -96,15 +100,21 @@ class Er7Message:
     @classmethod
     def parse(cls, text: str) -> Er7Message:
         """Read ER7 text; segments may end with CR, LF or CRLF. Raises Er7Error."""
-        text = text.lstrip("\r\n \t\x00")
+        text = text.lstrip(_LEADING_JUNK)
         if not text.startswith("MSH") or len(text) < 8:
             raise Er7Error("message does not start with an MSH segment")
         field_sep = text[3]
-        if field_sep.isalnum() or field_sep in "\r\n ":
+        if field_sep.isalnum() or field_sep.isspace():
             raise Er7Error("MSH-1 field separator is missing or invalid")
-        end = text.find(field_sep, 4)
-        enc = text[4:end] if end > 0 else text[4:8]
-        if len(enc) < 2 or field_sep in enc or any(c.isalnum() or c in "\r\n" for c in enc):
+        first = re.split(r"[\r\n]", text, maxsplit=1)[0]  # MSH-2 is read within the MSH segment
+        end = first.find(field_sep, 4)
+        enc = first[4:end] if end > 0 else first[4:8]
+        if (
+            len(enc) < 2
+            or field_sep in enc
+            or len(set(enc)) != len(enc)  # a delimiter used twice makes the message ambiguous
+            or any(c.isalnum() or c.isspace() for c in enc)
+        ):
             raise Er7Error("MSH-2 encoding characters are missing or invalid")
         seps = Separators(
             field=field_sep,
@@ -113,14 +123,11 @@ class Er7Message:
             escape=enc[2] if len(enc) > 2 else "",
             subcomponent=enc[3] if len(enc) > 3 else "&",
         )
-        if "\r" in text:
-            raw = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
-        else:
-            raw = text.split("\n")
+        raw = re.split(r"\r\n?|\n", text)  # CR, LF or CRLF, even mixed
         segments = [s for s in (r.rstrip() for r in raw) if s]
-        for seg in segments[1:]:
+        for number, seg in enumerate(segments[1:], start=2):
             if not _SEGMENT_ID.match(seg[:3]) or (len(seg) > 3 and seg[3] != field_sep):
-                raise Er7Error(f"segment {len(segments)} has no valid segment ID")
+                raise Er7Error(f"segment {number} has no valid segment ID")
         return cls(segments, seps)
 
     # -- structure ---------------------------------------------------------------------
@@ -186,6 +193,8 @@ class Er7Message:
         m = _PATH.match(path)
         if not m or m.group("field") is None:
             raise ValueError(f"not a field path: {path!r}")
+        if any(m.group(k) is not None and int(m.group(k)) == 0 for k in _POSITIONS):
+            raise ValueError(f"positions in a field path start at 1: {path!r}")
         seg_id = m.group("seg")
         occurrence = int(m.group("occ") or 1)
         field = int(m.group("field"))

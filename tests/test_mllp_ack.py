@@ -233,3 +233,19 @@ def test_strict_listener_validates_with_hl7apy(relais) -> None:
     # The lenient default keeps what real senders send.
     lenient = relais()
     assert send(lenient.port, adt("A01").replace("19850615", "NOTADATE")).get("MSA-1") == "AA"
+
+
+def test_every_sample_message_is_acked_and_kept_byte_for_byte(relais) -> None:
+    running = relais()
+    samples = sorted((Path(__file__).parent / "messages").glob("*.er7"))
+    assert len(samples) >= 10
+    for sample in samples:
+        raw = sample.read_bytes()
+        with MLLPClient("127.0.0.1", running.port) as client:
+            answer = client.send_message(raw)
+        ack = Er7Message.parse(answer.strip(b"\x0b\x1c\r").decode("latin-1"))
+        assert ack.get("MSA-1") in ("AA", "CA"), sample.name
+        assert ack.get("MSA-2") == Er7Message.parse(raw.decode("latin-1")).get("MSH-10")
+    rows = running.store.query("SELECT payload_sha256 FROM relais_messages")
+    stored = {running.store.payload(r["payload_sha256"]) for r in rows}
+    assert stored == {s.read_bytes() for s in samples}

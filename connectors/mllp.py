@@ -56,6 +56,8 @@ class MllpServer:
     ssl_context: ssl.SSLContext | None = None
     _server: asyncio.Server | None = None
     _connections: set[asyncio.Task[None]] = field(default_factory=set)
+    _busy: set[asyncio.Task[None]] = field(default_factory=set)  # handling a frame right now
+    _closing: bool = False
 
     def __post_init__(self) -> None:
         self._networks = [ipaddress.ip_network(c, strict=False) for c in self.allowed_peers]
@@ -72,10 +74,17 @@ class MllpServer:
         log.info("listener_started", listener=self.name, protocol="mllp", host=self.host,
                  port=self.bound_port, tls=self.ssl_context is not None)  # fmt: skip
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; let messages being handled get their answer, then close everything."""
         if self._server is None:
             return
         self._server.close()
+        self._closing = True
+        for task in list(self._connections - self._busy):
+            task.cancel()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._busy and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         for task in list(self._connections):
             task.cancel()
         if self._connections:
@@ -163,10 +172,18 @@ class MllpServer:
                 if buf[:1] == CR:
                     del buf[:1]
                 in_frame = False
-                answer = await handler.handle(payload, peer)
-                if answer is not None:
-                    writer.write(frame(answer))
-                    await writer.drain()
+                task = asyncio.current_task()
+                assert task is not None
+                self._busy.add(task)
+                try:
+                    answer = await handler.handle(payload, peer)
+                    if answer is not None:
+                        writer.write(frame(answer))
+                        await writer.drain()
+                finally:
+                    self._busy.discard(task)
+                if self._closing:
+                    return
 
 
 def _allowed(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:

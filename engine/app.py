@@ -52,6 +52,9 @@ class RelaisApp:
             cfg.store.inline_payload_limit,
             cfg.store.lock_timeout,
         )
+        removed = await asyncio.to_thread(self.store.blobs.remove_incomplete_writes)
+        if removed:
+            log.warning("incomplete_blob_writes_removed", count=removed)
         self.ingestor = Ingestor(
             self.store,
             batch_window_ms=cfg.ingest.batch_window_ms,

@@ -175,6 +175,11 @@ def _cmd_check(config: RelaisConfig, _: argparse.Namespace) -> int:
     print(f"orphan blobs (bytes with no event, harmless): {len(report.orphans)}")
     for sha in report.orphans:
         print(f"  orphan {sha}")
+    print(
+        f"incomplete blob writes (left by a killed writer, removed at next start): {len(report.incomplete)}"
+    )
+    for name in report.incomplete:
+        print(f"  incomplete {name}")
     return 1 if report.missing else 0
 
 

@@ -26,6 +26,8 @@ log = structlog.get_logger("relais.hl7")
 
 CONTENT_TYPE = "application/hl7-v2"
 
+_IDENTITY_ATTRIBUTES = frozenset({"HOMA", "FICT", "DOUT"})  # PAM France table 0445 attributes
+
 _CHARSETS = {
     "ASCII": "ascii",
     "UNICODE UTF-8": "utf-8",
@@ -112,7 +114,10 @@ def read_metadata(msg: Er7Message) -> dict[str, Any]:
         meta["event_time"] = g("EVN-6") or g("EVN-2")
     if msg.has_segment("PID"):
         meta["patient_identifiers"] = _identifiers(msg, "PID", 3)
-        meta["identity_reliability"] = g("PID-32")
+        # PID-32 repeats: one status (VALI, PROV...) and attributes (HOMA, FICT, DOUT) in any order.
+        codes = [msg.components(r)[0][0] for r in msg.repetitions("PID", 32)]
+        meta["identity_reliability"] = next((c for c in codes if c not in _IDENTITY_ATTRIBUTES), "")
+        meta["identity_attributes"] = [c for c in codes if c in _IDENTITY_ATTRIBUTES]
     if msg.has_segment("MRG"):
         meta["merged_identifiers"] = _identifiers(msg, "MRG", 1)
     if msg.has_segment("PV1"):

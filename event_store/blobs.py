@@ -21,7 +21,24 @@ def sha256_hex(data: bytes) -> str:
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        _make_dirs_durably(root)
+
+    def incomplete_writes(self) -> list[Path]:
+        """Temporary files of writes that never finished (their writer process is gone)."""
+        stale = []
+        for path in self.root.glob("??/??/.*.tmp"):
+            pid = path.name.rsplit(".", 2)[-2]
+            if not (pid.isdigit() and _process_alive(int(pid))):
+                stale.append(path)
+        return stale
+
+    def remove_incomplete_writes(self) -> int:
+        """Delete what a killed writer left half-written; returns how many files went."""
+        removed = 0
+        for path in self.incomplete_writes():
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def path_of(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / sha256
@@ -31,7 +48,7 @@ class BlobStore:
         final = self.path_of(sha256)
         if final.exists():
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs_durably(final.parent)
         tmp = final.with_name(f".{sha256}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
@@ -43,11 +60,7 @@ class BlobStore:
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(final.parent)
 
     def get(self, sha256: str) -> bytes:
         return self.path_of(sha256).read_bytes()
@@ -60,3 +73,33 @@ class BlobStore:
         for path in self.root.glob("??/??/*"):
             if not path.name.startswith("."):
                 yield path.name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durably(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entries changed, so the path survives a power cut."""
+    if path.is_dir():
+        return
+    _make_dirs_durably(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    _fsync_dir(path.parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -18,6 +18,7 @@ class PayloadReport:
     referenced: int = 0
     missing: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
 
 
 def check_payloads(store: EventStore) -> PayloadReport:
@@ -36,4 +37,5 @@ def check_payloads(store: EventStore) -> PayloadReport:
             if not store.blobs.exists(sha):
                 report.missing.append(sha)
     report.orphans = sorted(h for h in store.blobs.hashes() if h not in referenced_blobs)
+    report.incomplete = sorted(p.name for p in store.blobs.incomplete_writes())
     return report

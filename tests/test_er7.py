@@ -584,3 +584,11 @@ def test_hl7apy_find_groups_drops_trailing_zbe_but_raw_bytes_are_kept() -> None:
     assert "ZBE" in apy_parse(text).to_er7()  # find_groups=False keeps it
     assert raw == (MESSAGES / "adt_a03_discharge.er7").read_bytes()
     assert Er7Message.parse(raw.decode()).get("ZBE-1") == "MVT0009"
+
+
+def test_identity_status_is_found_whatever_the_order_of_pid32_repetitions() -> None:
+    base = "MSH|^~\\&|A|B|C|D|20261123||ADT^A31|X1|P|2.5\rPID|1||123^^^H&1.2&ISO^PI" + "|" * 29
+    for pid32, status, attributes in (("HOMA~VALI", "VALI", ["HOMA"]), ("PROV", "PROV", []),
+                                      ("VALI~HOMA~DOUT", "VALI", ["HOMA", "DOUT"])):  # fmt: skip
+        meta = read_metadata(Er7Message.parse(base + pid32))
+        assert meta["identity_reliability"] == status and meta["identity_attributes"] == attributes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -131,3 +132,19 @@ def test_event_without_its_blob_is_reported_missing(store: EventStore) -> None:
     sha = store.events_of(mid)[0].event["payload"]["sha256"]
     store.blobs.path_of(sha).unlink()
     assert check_payloads(store).missing == [sha]
+
+
+def test_half_written_blob_of_a_dead_writer_is_reported_then_removed(tmp_path: Path) -> None:
+    from event_store import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    sha = "cd" * 32
+    leftover = blobs.path_of(sha).with_name(f".{sha}.999999999.tmp")  # no such process
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half")
+    mine = blobs.path_of(sha).with_name(f".{sha}.{os.getpid()}.tmp")  # a live writer's
+    mine.write_bytes(b"in progress")
+    assert blobs.incomplete_writes() == [leftover]
+    assert blobs.remove_incomplete_writes() == 1
+    assert not leftover.exists() and mine.exists()
+    assert list(blobs.hashes()) == []

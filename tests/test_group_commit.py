@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,3 +76,22 @@ def test_duplicates_inside_one_batch_are_recognised(relais) -> None:
     [row] = running.store.query("SELECT message_id FROM relais_messages")
     topics = [e.topic for e in running.store.events_of(uuid.UUID(row["message_id"]))]
     assert topics == ["relais.MessageReceived"] + ["relais.DuplicateReceived"] * 3
+
+
+def test_message_in_flight_at_shutdown_still_gets_its_ack(relais) -> None:
+    running = relais(ingest={"batch_window_ms": 300})  # the writer holds the batch a while
+    message = adt()
+    answers: list[bytes] = []
+
+    def sender() -> None:
+        with MLLPClient("127.0.0.1", running.port) as client:
+            answers.append(client.send_message(message))
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not running.app.mllp["mllp"]._busy and time.monotonic() < deadline:
+        time.sleep(0.005)
+    running.stop()
+    thread.join(10)
+    assert answers and b"MSA|AA|" in answers[0]

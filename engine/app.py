@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import sys
 
 import structlog
 
@@ -45,6 +46,10 @@ class RelaisApp:
 
     async def start(self) -> None:
         cfg = self.config
+        # The writer thread gives up the GIL on every SQLite call and must get it back from
+        # the busy event loop; the default 5 ms switch interval then adds milliseconds to
+        # every commit, and so to every ACK.
+        sys.setswitchinterval(0.0005)
         self.store = await asyncio.to_thread(
             EventStore.open,
             cfg.store_url,

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import orjson
+import structlog
 from eventsourcing.persistence import StoredEvent
 
 from event_store.blobs import BlobStore, sha256_hex
@@ -33,6 +34,8 @@ __all__ = [
     "MessageIndexRow",
     "RecordedEvent",
 ]
+
+log = structlog.get_logger("relais.store")
 
 DEFAULT_INLINE_LIMIT = 256 * 1024
 GENESIS = "0" * 64
@@ -107,7 +110,8 @@ def event_hash(originator_id: UUID, version: int, topic: str, state: bytes) -> s
 
 
 def _encode(event: Event, stream_prev: str, log_prev: str) -> bytes:
-    return orjson.dumps({"stream_prev": stream_prev, "log_prev": log_prev, "event": asdict(event)})
+    # orjson serialises (slotted) dataclasses natively, in field order: same bytes as asdict().
+    return orjson.dumps({"stream_prev": stream_prev, "log_prev": log_prev, "event": event})
 
 
 class EventStore:
@@ -118,6 +122,11 @@ class EventStore:
         self._lock = threading.Lock()
         self._blob_writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-fsync")
         self._log_head = GENESIS
+        self._closed = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="wal-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         last = self._last_notification()
         if last is not None:
             self._log_head = event_hash(last.originator_id, last.originator_version, last.topic, last.state)
@@ -128,7 +137,20 @@ class EventStore:
     ) -> EventStore:
         return cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit)
 
+    def _checkpoint_loop(self, every: float = 1.0) -> None:
+        while not self._closed.wait(every):
+            try:
+                self.recorder.checkpoint()
+            except Exception as e:  # a busy database: try again next time
+                log.warning("checkpoint_failed", error=type(e).__name__)
+
     def close(self) -> None:
+        self._closed.set()
+        self._checkpointer.join(5)
+        try:
+            self.recorder.checkpoint()
+        except Exception as e:
+            log.warning("checkpoint_failed", error=type(e).__name__)
         self._blob_writers.shutdown(wait=True)
         self.recorder.datastore.close()
 
@@ -231,12 +253,28 @@ class EventStore:
     def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return self.recorder.query(sql, params)
 
-    def find_messages(self, sender: str, control_id: str) -> list[dict[str, Any]]:
-        """Index rows of earlier messages with this sender and control ID, oldest first."""
-        return self.query(
-            "SELECT * FROM relais_messages WHERE sender = ? AND control_id = ? ORDER BY received_at",
-            [sender, control_id],
-        )
+    def find_messages(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Index rows of earlier messages for each (sender, control ID), oldest first.
+
+        One query per sender (the usual batch has one or a few), using the (sender,
+        control_id) index.
+        """
+        by_sender: dict[str, set[str]] = {}
+        for sender, control_id in keys:
+            by_sender.setdefault(sender, set()).add(control_id)
+        found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for sender, control_ids in by_sender.items():
+            ids = sorted(control_ids)
+            for start in range(0, len(ids), 500):  # stay far below the bound-parameter limit
+                chunk = ids[start : start + 500]
+                rows = self.query(
+                    "SELECT * FROM relais_messages WHERE sender = ? AND control_id IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY received_at",
+                    [sender, *chunk],
+                )
+                for row in rows:
+                    found.setdefault((sender, row["control_id"]), []).append(row)
+        return found
 
     def verify_chain(self) -> ChainReport:
         """Walk the whole log and check every stream and log link."""

@@ -371,8 +371,9 @@ def test_every_acked_message_survives_sigkill(engine: Engine) -> None:
     # Every ACKed message's bytes, exactly (read with the store, checked against the hash)...
     store = EventStore.open(f"sqlite:///{db}", engine.workdir / "blobs")
     try:
+        found = store.find_messages((SENDER_ID, control_id) for control_id in ledger.acked)
         for control_id in ledger.acked:
-            (row,) = store.find_messages(SENDER_ID, control_id)
+            (row,) = found[(SENDER_ID, control_id)]
             assert store.payload(row["payload_sha256"]) == ledger.sent[control_id], control_id
     finally:
         store.close()

@@ -10,6 +10,7 @@ full structural validation and for building messages where a whole structure is 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -87,15 +88,34 @@ def unescape(value: str, seps: Separators) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_path(path: str) -> tuple[str, int, int, int, int, int]:
+    """(segment, occurrence, field, repetition, component, sub-component), all 1-based."""
+    m = _PATH.match(path)
+    if not m or m.group("field") is None:
+        raise ValueError(f"not a field path: {path!r}")
+    if any(m.group(k) is not None and int(m.group(k)) == 0 for k in _POSITIONS):
+        raise ValueError(f"positions in a field path start at 1: {path!r}")
+    return (
+        m.group("seg"),
+        int(m.group("occ") or 1),
+        int(m.group("field")),
+        int(m.group("rep") or 1),
+        int(m.group("comp") or 1),
+        int(m.group("sub") or 1),
+    )
+
+
 class Er7Message:
     """One HL7 v2 message read from its ER7 text; fields are split only when asked for."""
 
-    __slots__ = ("_fields", "segments", "separators")
+    __slots__ = ("_fields", "_where", "segments", "separators")
 
     def __init__(self, segments: list[str], separators: Separators) -> None:
         self.segments = segments
         self.separators = separators
         self._fields: dict[int, list[str]] = {}
+        self._where: dict[str, list[int]] | None = None  # segment ID -> positions, built once
 
     @classmethod
     def parse(cls, text: str) -> Er7Message:
@@ -147,13 +167,13 @@ class Er7Message:
         return fields
 
     def _segment_index(self, seg_id: str, occurrence: int = 1) -> int | None:
-        seen = 0
-        for i, seg in enumerate(self.segments):
-            if seg.startswith(seg_id) and (len(seg) == 3 or seg[3] == self.separators.field):
-                seen += 1
-                if seen == occurrence:
-                    return i
-        return None
+        where = self._where
+        if where is None:
+            where = self._where = {}
+            for i, seg in enumerate(self.segments):
+                where.setdefault(seg[:3], []).append(i)
+        found = where.get(seg_id)
+        return found[occurrence - 1] if found and len(found) >= occurrence else None
 
     def has_segment(self, seg_id: str) -> bool:
         return self._segment_index(seg_id) is not None
@@ -190,17 +210,7 @@ class Er7Message:
         Without a component the first component is returned (ER7's usual meaning of a
         simple value); `(n)` picks a repetition, `[n]` a segment occurrence (1-based).
         """
-        m = _PATH.match(path)
-        if not m or m.group("field") is None:
-            raise ValueError(f"not a field path: {path!r}")
-        if any(m.group(k) is not None and int(m.group(k)) == 0 for k in _POSITIONS):
-            raise ValueError(f"positions in a field path start at 1: {path!r}")
-        seg_id = m.group("seg")
-        occurrence = int(m.group("occ") or 1)
-        field = int(m.group("field"))
-        rep = int(m.group("rep") or 1)
-        comp = int(m.group("comp") or 1)
-        sub = int(m.group("sub") or 1)
+        seg_id, occurrence, field, rep, comp, sub = _parse_path(path)
         if seg_id == "MSH" and field in (1, 2):
             return self.raw_field(seg_id, field) or default
         reps = self.repetitions(seg_id, field, occurrence)

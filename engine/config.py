@@ -100,7 +100,7 @@ class StoreSettings(_Strict):
 
 class IngestSettings(_Strict):
     batch_window_ms: float = Field(
-        2.0, ge=0, description="how long the writer waits for more submissions before committing"
+        0.0, ge=0, description="how long the writer waits for more submissions before committing"
     )
     max_batch: int = Field(256, gt=0)
     max_pending: int = Field(10000, gt=0, description="submissions queued before callers wait")

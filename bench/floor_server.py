@@ -44,9 +44,7 @@ async def writer(db: sqlite3.Connection, queue: asyncio.Queue[Item]) -> None:
                 fut.set_result(None)
 
 
-async def serve(
-    reader: asyncio.StreamReader, writer_: asyncio.StreamWriter, queue: asyncio.Queue[Item]
-) -> None:
+async def serve(reader: asyncio.StreamReader, writer_: asyncio.StreamWriter, queue: asyncio.Queue[Item]) -> None:
     loop = asyncio.get_running_loop()
     try:
         while True:

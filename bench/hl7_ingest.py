@@ -48,15 +48,13 @@ def message_template() -> tuple[bytes, bytes]:
         "EVN||20261123101500|||DR^MEDECIN^JEAN|20261123101000|CHU_EXEMPLE",
         "|".join(pid),
         "PD1||||1234567890^GENERALISTE^PAUL^^^DR^^^ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO^D^^^RPPS",
-        "NK1|1|DUPONT^Jean^^^^^L|SPO^Spouse^HL70063|12 RUE DES LILAS^^LYON^^69003^FRA^H"
-        "|^PRN^PH^^^^^^^^^0601020304",
+        "NK1|1|DUPONT^Jean^^^^^L|SPO^Spouse^HL70063|12 RUE DES LILAS^^LYON^^69003^FRA^H|^PRN^PH^^^^^^^^^0601020304",
         "NK1|2|MARTIN^Louise^^^^^L|MTH^Mother^HL70063||^PRN^PH^^^^^^^^^0611223344||C^Contact^HL70131",
         "PV1|1|I|CARDIO^101^1^CHU_EXEMPLE||||1234567890^CARDIO^ANNE^^^DR^^^ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO"
         "^D^^^RPPS||||||||||||V20261123001^^^CHU_EXEMPLE&1.2.250.1.71.4.2.2&ISO^VN|||||||||||||||||||||||||"
         "20261123101000",
         "PV2|||CARDIO^Insuffisance cardiaque^LOCAL||||||20261130|7",
-        "ZBE|MVT20261123001^CHU_EXEMPLE^1.2.250.1.71.4.2.2^ISO|20261123101000||INSERT|N||"
-        "CARDIO^^^^^^UF^^^4401|||HMS",
+        "ZBE|MVT20261123001^CHU_EXEMPLE^1.2.250.1.71.4.2.2^ISO|20261123101000||INSERT|N||CARDIO^^^^^^UF^^^4401|||HMS",
         "ZFA|CR|20261101||||N|N",
         "ZFP|1|23",
         "ZFV|750712184^20261123^^^|||||",

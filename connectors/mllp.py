@@ -138,9 +138,7 @@ class MllpServer:
                 return
             if not data:
                 if in_frame and len(buf) > 1:
-                    await handler.truncated(
-                        bytes(buf[1:]), peer, "connection closed in the middle of a frame"
-                    )
+                    await handler.truncated(bytes(buf[1:]), peer, "connection closed in the middle of a frame")
                 return
             buf += data
             while True:

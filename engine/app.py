@@ -7,16 +7,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 import structlog
 
 from connectors.mllp import MllpServer
 from engine.config import RelaisConfig, TlsSettings
+from engine.delivery import DeliveryWorkers, Target
 from engine.hl7_intake import Hl7Intake
 from engine.ingest import Ingestor
+from engine.router import Router
+from engine.routes import Channel, RouteError, load_channels
 from event_store import EventStore
 
 __all__ = ["RelaisApp", "server_ssl_context"]
@@ -43,8 +48,46 @@ class RelaisApp:
         self.store: EventStore | None = None
         self.ingestor: Ingestor | None = None
         self.mllp: dict[str, MllpServer] = {}
+        self.router: Router | None = None
+        self.delivery: DeliveryWorkers | None = None
+
+    @property
+    def routes_dir(self) -> Path:
+        return self.config.resolve(self.config.routing.routes_dir)
+
+    def _targets(self, channels: list[Channel]) -> dict[tuple[str, str], Target]:
+        from connectors.registry import build_destination
+
+        return {
+            (channel.name, spec.name): Target(
+                spec, build_destination(spec.name, spec.type, spec.settings, channel.path.parent)
+            )
+            for channel in channels
+            for spec in channel.destinations
+        }
+
+    async def reload_routes(self) -> list[str]:
+        """Load routes/ again; a bad file is refused and the running routes stay."""
+        if self.router is None or self.delivery is None:
+            raise RuntimeError("routing is not running")
+        channels = await asyncio.to_thread(load_channels, self.routes_dir)
+        old = self.delivery.targets
+        self.delivery.reload(self._targets(channels))
+        self.router.reload(channels)
+        for target in old.values():
+            await target.destination.close()
+        log.info("routes_reloaded", channels=[c.name for c in channels])
+        return [c.name for c in channels]
 
     async def start(self) -> None:
+        """Open the store, start routing and listeners; on any failure, undo what started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         # The writer thread gives up the GIL on every SQLite call and must get it back from
         # the busy event loop; the default 5 ms switch interval then adds milliseconds to
@@ -67,6 +110,14 @@ class RelaisApp:
             max_pending=cfg.ingest.max_pending,
         )
         await self.ingestor.start()
+        if cfg.routing.enabled:
+            channels = await asyncio.to_thread(load_channels, self.routes_dir)  # RouteError: refuse to start
+            self.router = Router(self.store, self.ingestor, channels)
+            self.delivery = DeliveryWorkers(
+                self.store, self.ingestor, self._targets(channels), cfg.routing.delivery_concurrency
+            )
+            await self.router.start()
+            await self.delivery.start()
         for listener in cfg.listeners.mllp:
             server = MllpServer(
                 name=listener.name,
@@ -87,6 +138,10 @@ class RelaisApp:
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()
+        if self.router is not None:
+            await self.router.stop()
+        if self.delivery is not None:
+            await self.delivery.stop()
         if self.ingestor is not None:
             await self.ingestor.stop()
         if self.store is not None:
@@ -98,8 +153,27 @@ class RelaisApp:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(self._reload_on_signal())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await self.start()
+        pidfile = self.config.resolve(self.config.store.blob_dir).parent / "relais.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
         try:
             await stop.wait()
         finally:
+            pidfile.unlink(missing_ok=True)
             await self.stop()
+
+    async def _reload_on_signal(self) -> None:
+        try:
+            await self.reload_routes()
+        except RouteError as e:
+            log.error("routes_reload_refused", errors=str(e).splitlines()[:20])
+        except Exception as e:
+            log.error("routes_reload_failed", error=type(e).__name__, detail=str(e)[:200])

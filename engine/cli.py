@@ -124,9 +124,7 @@ def _cmd_show(config: RelaisConfig, args: argparse.Namespace) -> int:
         out = {
             "id": str(message_id),
             "metadata": first.get("metadata", {}),
-            "events": [
-                {"version": e.version, "type": e.topic.removeprefix("relais."), **e.event} for e in events
-            ],
+            "events": [{"version": e.version, "type": e.topic.removeprefix("relais."), **e.event} for e in events],
             "payload": payload.decode("latin-1"),
         }
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -140,9 +138,7 @@ def _cmd_show(config: RelaisConfig, args: argparse.Namespace) -> int:
         print(f"  {e.version} {e.topic.removeprefix('relais.')} {orjson.dumps(detail).decode()}")
     print(f"payload ({payload_ref.get('size')} bytes, sha256 {payload_ref.get('sha256')}):")
     print(
-        payload.decode(first.get("metadata", {}).get("decoded_as") or "latin-1", errors="replace").replace(
-            "\r", "\n"
-        )
+        payload.decode(first.get("metadata", {}).get("decoded_as") or "latin-1", errors="replace").replace("\r", "\n")
     )
     return 0
 
@@ -175,12 +171,148 @@ def _cmd_check(config: RelaisConfig, _: argparse.Namespace) -> int:
     print(f"orphan blobs (bytes with no event, harmless): {len(report.orphans)}")
     for sha in report.orphans:
         print(f"  orphan {sha}")
-    print(
-        f"incomplete blob writes (left by a killed writer, removed at next start): {len(report.incomplete)}"
-    )
+    print(f"incomplete blob writes (left by a killed writer, removed at next start): {len(report.incomplete)}")
     for name in report.incomplete:
         print(f"  incomplete {name}")
     return 1 if report.missing else 0
+
+
+def _routes_dir(config: RelaisConfig, args: argparse.Namespace) -> Path:
+    return Path(args.routes) if getattr(args, "routes", None) else config.resolve(config.routing.routes_dir)
+
+
+def _cmd_routes_check(config: RelaisConfig, args: argparse.Namespace) -> int:
+    from engine.routes import RouteError, load_channels
+
+    folder = _routes_dir(config, args)
+    try:
+        channels = load_channels(folder)
+    except RouteError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    for c in channels:
+        state = "" if c.spec.enabled else " (disabled)"
+        dests = ", ".join(f"{d.name}:{d.type}" for d in c.destinations)
+        print(f"{c.name}{state}: {c.path.name} -> {dests}")
+    print(f"{len(channels)} channel(s) OK in {folder}")
+    return 0
+
+
+def _cmd_routes_test(config: RelaisConfig, args: argparse.Namespace) -> int:
+    from engine.route_tools import run_route_tests
+    from engine.routes import RouteError, load_channels
+
+    try:
+        channels = load_channels(_routes_dir(config, args))
+    except RouteError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    outcomes = run_route_tests(channels)
+    for o in outcomes:
+        print(f"{'PASS' if o.ok else 'FAIL'}  {o.channel}: {o.name}")
+        for problem in o.problems:
+            print(f"      {problem}")
+    failed = sum(not o.ok for o in outcomes)
+    print(f"{len(outcomes) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _cmd_routes_try(config: RelaisConfig, args: argparse.Namespace) -> int:
+    from engine.route_tools import describe_changes, dry_run
+    from engine.routes import RouteError, load_channel
+
+    try:
+        channel = load_channel(Path(args.file))
+    except RouteError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    store = _open_store(config)
+    try:
+        report = dry_run(store, channel, args.since, args.until, args.samples)
+    finally:
+        store.close()
+    print(f"dry-run of channel {channel.name} ({args.file}) on messages since {args.since}: nothing was sent")
+    print(f"messages examined: {report.examined}, routed: {report.routed}, not routed: "
+          f"{report.examined - report.routed}")  # fmt: skip
+    print("would deliver:")
+    for dest, count in sorted(report.per_destination.items()):
+        print(f"  {dest}: {count}")
+    if report.misses:
+        print("filter misses (first failing test):")
+        for reason, count in report.misses.most_common(10):
+            print(f"  {count:>6}  {reason}")
+    for message_id, before, after in report.samples:
+        print(f"sample {message_id}:")
+        print("\n".join(describe_changes(before, after)) or "  (unchanged)")
+    return 0
+
+
+def _cmd_routes_reload(config: RelaisConfig, args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    pidfile = config.resolve(config.store.blob_dir).parent / "relais.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        print(f"no running engine found ({pidfile})", file=sys.stderr)
+        return 1
+    print(f"asked the engine (pid {pid}) to reload its routes; see its log for the outcome")
+    return 0
+
+
+def _cmd_deadletters(config: RelaisConfig, args: argparse.Namespace) -> int:
+    store = _open_store(config)
+    try:
+        rows = store.query(
+            "SELECT delivery_id, message_id, channel, destination, attempts, last_error, updated_at, blocks "
+            "FROM relais_outbox WHERE state = 'dead' ORDER BY seq LIMIT ?",
+            [args.limit],
+        )
+    finally:
+        store.close()
+    for r in rows:
+        if args.json:
+            sys.stdout.write(orjson.dumps(r).decode() + "\n")
+        else:
+            held = " (holds its key)" if r["blocks"] else ""
+            print(f"{r['message_id']}  {r['channel']}/{r['destination']}  attempts={r['attempts']}{held}  "
+                  f"{r['updated_at'][:19]}  {r['last_error']}")  # fmt: skip
+    if not rows and not args.json:
+        print("no dead letters", file=sys.stderr)
+    return 0
+
+
+def _cmd_redeliver(config: RelaisConfig, args: argparse.Namespace) -> int:
+    import getpass
+    import uuid as uuid_mod
+    from datetime import UTC, datetime
+
+    if bool(args.message_id) == bool(args.channel):
+        print("give either a message id or --channel NAME --since TIME", file=sys.stderr)
+        return 2
+    if args.channel and not args.since:
+        print("--channel needs --since (ISO time)", file=sys.stderr)
+        return 2
+    target = {"message_id": args.message_id} if args.message_id else {"channel": args.channel, "since": args.since}
+    store = _open_store(config)
+    try:
+        if args.message_id and not store.query(
+            "SELECT 1 AS x FROM relais_outbox WHERE message_id = ?", [args.message_id]
+        ):
+            print(f"message {args.message_id} has no delivery", file=sys.stderr)
+            return 1
+        request_id = str(uuid_mod.uuid4())
+        store.execute(
+            "INSERT INTO relais_requests VALUES (?,?,?,?,?,?,NULL,NULL)",
+            [request_id, "redeliver", orjson.dumps(target).decode(), args.by or getpass.getuser(),
+             args.reason, datetime.now(UTC).isoformat(timespec="microseconds")],
+        )  # fmt: skip
+    finally:
+        store.close()
+    print(f"redelivery request {request_id} queued; the running engine records it as Redelivered events")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,10 +337,35 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_show)
     sub.add_parser("verify", help="check the hash chain of the whole log").set_defaults(func=_cmd_verify)
-    sub.add_parser("check", help="check payloads: missing ones and orphan blobs").set_defaults(
-        func=_cmd_check
-    )
-    for sp in (run, ls, show, *(sub.choices[c] for c in ("verify", "check"))):
+    sub.add_parser("check", help="check payloads: missing ones and orphan blobs").set_defaults(func=_cmd_check)
+    routes = sub.add_parser("routes", help="channels in routes/").add_subparsers(dest="what", required=True)
+    rc = routes.add_parser("check", help="validate every channel file without starting anything")
+    rc.set_defaults(func=_cmd_routes_check)
+    rt = routes.add_parser("test", help="run the [[test]] cases of every channel")
+    rt.set_defaults(func=_cmd_routes_test)
+    for sp in (rc, rt):
+        sp.add_argument("--routes", help="folder of channel files (default: from the config)")
+    rtry = routes.add_parser("try", help="dry-run a channel file against stored messages; sends nothing")
+    rtry.add_argument("file")
+    rtry.add_argument("--since", required=True, help="ISO time, e.g. 2026-11-01")
+    rtry.add_argument("--until")
+    rtry.add_argument("--samples", type=int, default=3)
+    rtry.set_defaults(func=_cmd_routes_try)
+    rr = routes.add_parser("reload", help="ask the running engine to reload routes/ (SIGHUP)")
+    rr.set_defaults(func=_cmd_routes_reload)
+    dl = sub.add_parser("deadletters", help="dead-lettered deliveries").add_subparsers(dest="what", required=True)
+    dll = dl.add_parser("list")
+    dll.add_argument("--limit", type=int, default=100)
+    dll.add_argument("--json", action="store_true")
+    dll.set_defaults(func=_cmd_deadletters)
+    red = sub.add_parser("redeliver", help="deliver again: one message, or a channel since a time")
+    red.add_argument("message_id", nargs="?")
+    red.add_argument("--channel")
+    red.add_argument("--since")
+    red.add_argument("--by", help="who asks (default: the OS user)")
+    red.add_argument("--reason", default="", help="why, kept in the Redelivered event")
+    red.set_defaults(func=_cmd_redeliver)
+    for sp in (run, ls, show, rc, rt, rtry, rr, dll, red, *(sub.choices[c] for c in ("verify", "check"))):
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return p
 

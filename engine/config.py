@@ -56,9 +56,7 @@ class MllpListener(_Strict):
     forbidden_fields: list[str] = Field(
         default_factory=list, description="paths that must be empty (IHE PAM France: PID-2...)"
     )
-    default_charset: str = Field(
-        "iso-8859-15", description="used when MSH-18 is empty and the bytes are not UTF-8"
-    )
+    default_charset: str = Field("iso-8859-15", description="used when MSH-18 is empty and the bytes are not UTF-8")
     tls: TlsSettings | None = None
 
     @field_validator("allowed_peers")
@@ -111,8 +109,15 @@ class LogSettings(_Strict):
     format: Literal["json", "console"] = "json"
 
 
+class RoutingSettings(_Strict):
+    routes_dir: Path = Field(Path("routes"), description="one TOML file per channel")
+    enabled: bool = True
+    delivery_concurrency: int = Field(32, gt=0)
+
+
 class RelaisConfig(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     listeners: Listeners = Field(default_factory=Listeners)
     log: LogSettings = Field(default_factory=LogSettings)

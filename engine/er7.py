@@ -200,8 +200,7 @@ class Er7Message:
         """Components of one repetition, each a list of unescaped sub-components."""
         seps = self.separators
         return [
-            [unescape(sub, seps) for sub in comp.split(seps.subcomponent)]
-            for comp in repetition.split(seps.component)
+            [unescape(sub, seps) for sub in comp.split(seps.subcomponent)] for comp in repetition.split(seps.component)
         ]
 
     def get(self, path: str, default: str = "") -> str:

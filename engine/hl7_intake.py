@@ -285,9 +285,7 @@ class Hl7Intake:
                 return error("102", f"field {path} must be empty on this listener", path)
         return Verdict("accepted", mode.code("accepted"))
 
-    def _encode(
-        self, msg: Er7Message | None, verdict: Verdict, control_id: str, when: str, codec: str
-    ) -> bytes:
+    def _encode(self, msg: Er7Message | None, verdict: Verdict, control_id: str, when: str, codec: str) -> bytes:
         text = build_ack(
             msg, code=verdict.ack_code, control_id=control_id, received_at=when,
             error_code=verdict.error_code, reason=verdict.reason, location=verdict.location,

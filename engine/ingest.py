@@ -20,13 +20,15 @@ import structlog
 from event_store import (
     Batch,
     DuplicateReceived,
+    Event,
     EventStore,
     MessageIndexRow,
     MessageReceived,
     MessageRejected,
+    PayloadRef,
 )
 
-__all__ = ["IngestUnavailable", "Ingestor", "Receipt", "Submission", "Verdict"]
+__all__ = ["Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Verdict"]
 
 log = structlog.get_logger("relais.ingest")
 
@@ -67,6 +69,16 @@ class Submission:
     verdict: Verdict = ACCEPTED
 
 
+@dataclass(slots=True)
+class Appendix:
+    """Events about messages already in the log (routing, deliveries), the payloads they
+    name and the rows kept in step with them (outbox, tracking), committed together."""
+
+    events: list[tuple[uuid.UUID, Event]] = field(default_factory=list)
+    payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
+    statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class Receipt:
     """The durable outcome of one submission (for a resend: the original's)."""
@@ -92,6 +104,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+_Item = tuple[Submission | Appendix, asyncio.Future[Any]]
+
+
 class Ingestor:
     def __init__(
         self,
@@ -105,11 +120,10 @@ class Ingestor:
         self.window = batch_window_ms / 1000.0
         self.max_batch = max_batch
         # None is the stop sentinel: everything queued before it is committed first.
-        self._queue: asyncio.Queue[tuple[Submission, asyncio.Future[Receipt]] | None] = asyncio.Queue(
-            maxsize=max_pending
-        )
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(maxsize=max_pending)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._signals: list[asyncio.Event] = []
         self.committed = 0
 
     async def start(self) -> None:
@@ -132,6 +146,20 @@ class Ingestor:
         await self._queue.put((submission, fut))
         return await fut
 
+    async def append(self, appendix: Appendix) -> None:
+        """Commit events about existing messages through the same single writer."""
+        if self._task is None or self._task.done() or self._stopping:
+            raise IngestUnavailable("ingest writer is not running")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put((appendix, fut))
+        await fut
+
+    def commit_signal(self) -> asyncio.Event:
+        """An event set after every commit, for followers of the log (the router)."""
+        signal = asyncio.Event()
+        self._signals.append(signal)
+        return signal
+
     async def _run(self) -> None:
         queue = self._queue
         stopping = False
@@ -153,7 +181,7 @@ class Ingestor:
                 items.append(item)
             await self._commit_and_answer(items)
 
-    async def _commit_and_answer(self, items: list[tuple[Submission, asyncio.Future[Receipt]]]) -> None:
+    async def _commit_and_answer(self, items: list[_Item]) -> None:
         try:
             receipts = await asyncio.to_thread(self._commit, [s for s, _ in items])
         except Exception as e:
@@ -166,16 +194,30 @@ class Ingestor:
         for (_, fut), receipt in zip(items, receipts, strict=True):
             if not fut.done():  # the caller may have gone (connection closed)
                 fut.set_result(receipt)
+        for signal in self._signals:
+            signal.set()
 
     # -- on the writer thread ----------------------------------------------------------
 
-    def _commit(self, submissions: list[Submission]) -> list[Receipt]:
+    def _commit(self, items: list[Submission | Appendix]) -> list[Receipt | None]:
         store = self.store
         batch = Batch()
-        receipts: list[Receipt] = []
-        seen = store.find_messages((s.sender, s.control_id) for s in submissions if s.control_id)
+        receipts: list[Receipt | None] = []
+        seen = store.find_messages(
+            (s.sender, s.control_id) for s in items if isinstance(s, Submission) and s.control_id
+        )
         next_version: dict[uuid.UUID, int] = {}
-        for sub in submissions:
+        for sub in items:
+            if isinstance(sub, Appendix):
+                for oid, event in sub.events:
+                    version = next_version.get(oid) or store.stream_head(oid)[0] + 1
+                    next_version[oid] = version + 1
+                    batch.events.append((oid, version, event))
+                for ref, data in sub.payloads:
+                    batch.payloads.setdefault(ref.sha256, (ref, data))
+                batch.statements.extend(sub.statements)
+                receipts.append(None)
+                continue
             now = _now()
             ref = batch.add_payload(sub.payload, sub.content_type, store.inline_limit)
             flags: list[str] = []
@@ -216,9 +258,7 @@ class Ingestor:
                     (
                         message_id,
                         2,
-                        MessageRejected(
-                            now, verdict.ack_code, verdict.error_code, verdict.reason, verdict.location
-                        ),
+                        MessageRejected(now, verdict.ack_code, verdict.error_code, verdict.reason, verdict.location),
                     )
                 )
             row = MessageIndexRow(

@@ -11,11 +11,19 @@ from typing import Any, ClassVar
 
 __all__ = [
     "EVENT_TYPES",
+    "DeadLettered",
+    "Delivered",
+    "DeliveryAttempted",
+    "DeliveryFailed",
     "DuplicateReceived",
     "Event",
     "MessageReceived",
     "MessageRejected",
+    "MessageRouted",
+    "NotRouted",
     "PayloadRef",
+    "PlannedDelivery",
+    "Redelivered",
     "topic_of",
 ]
 
@@ -76,9 +84,88 @@ class DuplicateReceived(Event):
     peer: str
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedDelivery:
+    """One delivery the router decided: its transformed payload is stored before any attempt."""
+
+    delivery_id: str
+    channel: str
+    destination: str
+    ordering_key: str
+    payload: PayloadRef
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRouted(Event):
+    """The router matched channels; each planned delivery is now in the outbox."""
+
+    channels: list[str]
+    deliveries: list[PlannedDelivery]
+    position: int  # the log position of the MessageReceived that was routed
+
+
+@dataclass(frozen=True, slots=True)
+class NotRouted(Event):
+    """No channel took the message; `misses` says why, per channel (first failing filter)."""
+
+    reason: str
+    misses: dict[str, str]
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempted(Event):
+    """A delivery is about to be sent (attempt n)."""
+
+    delivery_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered(Event):
+    """The destination accepted the delivery; `detail` is its short answer (e.g. 'MSA AA')."""
+
+    delivery_id: str
+    attempt: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFailed(Event):
+    """An attempt failed; another is due at `retry_at` (ISO-8601 UTC)."""
+
+    delivery_id: str
+    attempt: int
+    error: str
+    retry_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered(Event):
+    """The delivery gave up (attempts exhausted or permanent failure); `blocks` holds its key."""
+
+    delivery_id: str
+    attempt: int
+    error: str
+    blocks: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivered(Event):
+    """An operator asked to deliver again; who asked and why are kept."""
+
+    delivery_id: str
+    requested_by: str
+    reason: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    f"relais.{cls.__name__}": cls for cls in (MessageReceived, MessageRejected, DuplicateReceived)
-}
+    f"relais.{cls.__name__}": cls
+    for cls in (
+        MessageReceived, MessageRejected, DuplicateReceived, MessageRouted, NotRouted,
+        DeliveryAttempted, Delivered, DeliveryFailed, DeadLettered, Redelivered,
+    )
+}  # fmt: skip
 
 
 def topic_of(event: Event) -> str:

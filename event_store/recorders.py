@@ -46,6 +46,22 @@ SIDE_TABLES = [
         message_id TEXT NOT NULL, value TEXT NOT NULL, id_type TEXT NOT NULL,
         authority TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS relais_identifiers_value ON relais_identifiers (value)",
+    # Follower positions (router...), written with the events they produced: exactly once.
+    "CREATE TABLE IF NOT EXISTS relais_tracking (name TEXT PRIMARY KEY, position BIGINT NOT NULL)",
+    # The outbox: one row per planned delivery, kept in step with the delivery events.
+    """CREATE TABLE IF NOT EXISTS relais_outbox (
+        delivery_id TEXT PRIMARY KEY, message_id TEXT NOT NULL, channel TEXT NOT NULL,
+        destination TEXT NOT NULL, ordering_key TEXT NOT NULL, seq BIGINT NOT NULL,
+        payload_sha256 TEXT NOT NULL, content_type TEXT NOT NULL, state TEXT NOT NULL,
+        blocks INTEGER NOT NULL, attempts INTEGER NOT NULL, next_attempt_at TEXT NOT NULL,
+        last_error TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS relais_outbox_due ON relais_outbox (state, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS relais_outbox_key ON relais_outbox (destination, ordering_key, seq)",
+    # Operators' requests (redeliver...) queued by the CLI, carried out by the engine's writer.
+    """CREATE TABLE IF NOT EXISTS relais_requests (
+        request_id TEXT PRIMARY KEY, kind TEXT NOT NULL, args TEXT NOT NULL,
+        requested_by TEXT NOT NULL, reason TEXT NOT NULL, created_at TEXT NOT NULL,
+        done_at TEXT, result TEXT)""",
 ]
 INSERT_PAYLOAD = (
     "INSERT INTO relais_payloads (sha256, content_type, size, data) VALUES (?,?,?,?) ON CONFLICT DO NOTHING"
@@ -61,6 +77,7 @@ class SideRows:
     payloads: list[tuple[str, str, int, bytes]] = field(default_factory=list)
     messages: list[tuple[Any, ...]] = field(default_factory=list)
     identifiers: list[tuple[str, str, str, str]] = field(default_factory=list)
+    statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)  # '?' style
 
 
 class _DurableSQLitePool(SQLiteConnectionPool):
@@ -98,12 +115,18 @@ class RelaisSQLiteRecorder(SQLiteApplicationRecorder):
                 c.executemany(INSERT_MESSAGE, side.messages)
             if side.identifiers:
                 c.executemany(INSERT_IDENTIFIER, side.identifiers)
+            for sql, rows in side.statements:
+                c.executemany(sql, rows)
         return super()._insert_events(c, stored_events, **kwargs)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self.datastore.transaction(commit=False) as c:
             c.execute(sql, params)
             return [dict(row) for row in c.fetchall()]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(sql, params)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file without blocking writers (PASSIVE)."""
@@ -130,11 +153,17 @@ class RelaisPostgresRecorder(PostgresApplicationRecorder):
             curs.executemany(INSERT_MESSAGE.replace("?", "%s"), side.messages)
         if side.identifiers:
             curs.executemany(INSERT_IDENTIFIER.replace("?", "%s"), side.identifiers)
+        for sql, rows in side.statements:
+            curs.executemany(sql.replace("?", "%s"), rows)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(sql.replace("?", "%s"), list(params))
             return [dict(row) for row in curs.fetchall()]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(sql.replace("?", "%s"), list(params))
 
     def checkpoint(self) -> None:
         """PostgreSQL checkpoints by itself."""

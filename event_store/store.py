@@ -33,6 +33,7 @@ __all__ = [
     "EventStore",
     "MessageIndexRow",
     "RecordedEvent",
+    "payload_ref",
 ]
 
 log = structlog.get_logger("relais.store")
@@ -71,12 +72,17 @@ class Batch:
     events: list[tuple[UUID, int, Event]] = field(default_factory=list)
     payloads: dict[str, tuple[PayloadRef, bytes]] = field(default_factory=dict)
     index: list[MessageIndexRow] = field(default_factory=list)
+    statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
 
     def add_payload(self, data: bytes, content_type: str, inline_limit: int) -> PayloadRef:
-        digest = sha256_hex(data)
-        ref = PayloadRef(digest, len(data), content_type, inline=len(data) <= inline_limit)
-        self.payloads.setdefault(digest, (ref, data))
+        ref = payload_ref(data, content_type, inline_limit)
+        self.payloads.setdefault(ref.sha256, (ref, data))
         return ref
+
+
+def payload_ref(data: bytes, content_type: str, inline_limit: int) -> PayloadRef:
+    """How `data` will be stored: by its SHA-256, inline when small enough."""
+    return PayloadRef(sha256_hex(data), len(data), content_type, inline=len(data) <= inline_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +128,10 @@ class EventStore:
         self._lock = threading.Lock()
         self._blob_writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-fsync")
         self._log_head = GENESIS
+        # Heads of recently written streams (one writer per store, so they stay true).
+        self._heads: dict[UUID, tuple[int, str]] = {}
         self._closed = threading.Event()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_loop, name="wal-checkpoint", daemon=True
-        )
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint", daemon=True)
         self._checkpointer.start()
         last = self._last_notification()
         if last is not None:
@@ -162,6 +168,9 @@ class EventStore:
 
     def stream_head(self, originator_id: UUID) -> tuple[int, str]:
         """(last version, its hash) of a stream; (0, GENESIS) when it has no event."""
+        cached = self._heads.get(originator_id)
+        if cached is not None:
+            return cached
         rows = self.recorder.select_events(originator_id, desc=True, limit=1)
         if not rows:
             return 0, GENESIS
@@ -205,9 +214,13 @@ class EventStore:
                 ],
                 messages=[_index_tuple(row) for row in batch.index],
                 identifiers=[(row.message_id, *ident) for row in batch.index for ident in row.identifiers],
+                statements=batch.statements,
             )
             positions = self.recorder.insert_events(stored, side=side) or []
             self._log_head = log_head
+            if len(self._heads) > 100_000:
+                self._heads.clear()
+            self._heads.update(heads)
             return list(positions)
 
     # -- reading -----------------------------------------------------------------------
@@ -218,6 +231,10 @@ class EventStore:
             return None
         rows = self.recorder.select_notifications(start=top, limit=1)
         return rows[0] if rows else None
+
+    def decode(self, notification: Any) -> RecordedEvent:
+        """A notification (or stored event) of the recorder as a RecordedEvent."""
+        return _decode(getattr(notification, "id", 0), notification)
 
     def events_of(self, originator_id: UUID) -> list[RecordedEvent]:
         out = []
@@ -252,6 +269,10 @@ class EventStore:
 
     def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return self.recorder.query(sql, params)
+
+    def execute(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> None:
+        """One statement on Relais's own side tables (never the events: those go by commit)."""
+        self.recorder.execute(sql, params)
 
     def find_messages(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Index rows of earlier messages for each (sender, control ID), oldest first.

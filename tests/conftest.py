@@ -41,6 +41,10 @@ class RunningRelais:
         assert self.app.store is not None
         return self.app.store
 
+    def loop_call(self, coro: Any) -> Any:
+        """Run a coroutine on the engine's own loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
     def stop(self) -> None:
         if not self.thread.is_alive():
             return
@@ -56,6 +60,7 @@ def make_config(tmp_path: Path, *, store_url: str | None = None, **overrides: An
         "store": {"url": store_url or "sqlite:///relais.db", "blob_dir": "blobs"},
         "listeners": listeners,
         "log": {"level": "warning"},
+        "routing": {"enabled": False},
         "base_dir": tmp_path,
         **overrides,
     }

@@ -26,21 +26,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(
-    folder: Path, port: int, store_url: str = "sqlite:///data/relais.db", level: str = "warning"
-) -> Path:
+def write_config(folder: Path, port: int, store_url: str = "sqlite:///data/relais.db", level: str = "warning") -> Path:
     path = folder / "config.toml"
     path.write_text(
         f'[store]\nurl = "{store_url}"\nblob_dir = "data/blobs"\n'
-        f'[log]\nlevel = "{level}"\n[[listeners.mllp]]\nname = "mllp"\nport = {port}\n'
+        f'[log]\nlevel = "{level}"\n[routing]\nenabled = false\n[[listeners.mllp]]\nname = "mllp"\nport = {port}\n'
     )
     return path
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [RELAIS, "--config", str(config), *args], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([RELAIS, "--config", str(config), *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture

@@ -259,8 +259,7 @@ class Sender:
 def _run_load(engine: Engine, senders: list[Sender], seconds: float, *, drain: bool = False) -> None:
     stop = threading.Event()
     threads = [
-        threading.Thread(target=s.run, args=(engine.port, stop), kwargs={"drain": drain}, daemon=True)
-        for s in senders
+        threading.Thread(target=s.run, args=(engine.port, stop), kwargs={"drain": drain}, daemon=True) for s in senders
     ]
     for t in threads:
         t.start()
@@ -319,9 +318,7 @@ def test_every_acked_message_survives_sigkill(engine: Engine) -> None:
     seed = int(os.environ.get("RELAIS_CRASH_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
     ledger = Ledger()
-    senders = [
-        Sender(i, ledger, random.Random(rng.random()), use_hl7_client=i % 2 == 0) for i in range(SENDERS)
-    ]
+    senders = [Sender(i, ledger, random.Random(rng.random()), use_hl7_client=i % 2 == 0) for i in range(SENDERS)]
     ctx = f"seed {seed}"
     started = time.monotonic()
     kills: list[float] = []

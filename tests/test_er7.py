@@ -563,9 +563,7 @@ def test_read_metadata_custom_delimiters() -> None:
 def test_read_metadata_identifiers_are_unescaped_and_empty_ones_skipped() -> None:
     text = "MSH|^~\\&|A|B|||20260101||ADT^A01|1|P|2.5\rPID|||~12\\S\\3^^^H\\T\\X&1.2.3&ISO^PI~^^^H^PI"
     meta = read_metadata(Er7Message.parse(text))
-    assert meta["patient_identifiers"] == [
-        {"id": "12^3", "type": "PI", "authority": "H&X", "authority_oid": "1.2.3"}
-    ]
+    assert meta["patient_identifiers"] == [{"id": "12^3", "type": "PI", "authority": "H&X", "authority_oid": "1.2.3"}]
 
 
 def test_read_metadata_without_pid_has_no_identity_keys() -> None:

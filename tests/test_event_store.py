@@ -14,11 +14,7 @@ from event_store.integrity import check_payloads
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path: Path):
-    url = (
-        f"sqlite:///{tmp_path / 'store.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
+    url = f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     s = EventStore.open(url, tmp_path / "blobs", inline_limit=1000)
     yield s
     s.close()
@@ -73,8 +69,7 @@ def test_events_chain_and_verify_detects_tampering(store: EventStore) -> None:
         path = store.recorder.datastore.pool.db_name
         with sqlite3.connect(path) as conn:
             conn.execute(
-                f"UPDATE {table} SET state = CAST(replace(state, 'mllp', 'MLLP') AS BLOB) "
-                "WHERE originator_id = ?",
+                f"UPDATE {table} SET state = CAST(replace(state, 'mllp', 'MLLP') AS BLOB) WHERE originator_id = ?",
                 (first.hex,),
             )
     else:

@@ -1,0 +1,280 @@
+"""Delivery workers: take due deliveries from the outbox, in order per key, and record
+every attempt and outcome as events (retry with backoff and jitter, then dead letter).
+
+A delivery is durable before it is attempted (the router wrote it); `DeliveryAttempted`
+is committed before the bytes leave. A destination that is down only holds its own keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from connectors.destination import Delivery, Destination, PermanentFailure, TemporaryFailure
+from engine.ingest import Appendix, Ingestor
+from engine.routes import DestinationSpec
+from event_store import EventStore
+from event_store.events import DeadLettered, Delivered, DeliveryAttempted, DeliveryFailed, Redelivered
+
+__all__ = ["DUE_DELIVERIES", "DeliveryWorkers", "Target", "backoff_delay"]
+
+log = structlog.get_logger("relais.delivery")
+
+# A pending delivery is due when its time has come and nothing older holds its key:
+# an earlier pending one (retrying) or an earlier dead letter of a blocking destination.
+DUE_DELIVERIES = """
+SELECT o.* FROM relais_outbox o
+WHERE o.state = 'pending' AND o.next_attempt_at <= ?
+  AND NOT EXISTS (
+    SELECT 1 FROM relais_outbox p
+    WHERE p.channel = o.channel AND p.destination = o.destination
+      AND p.ordering_key = o.ordering_key AND p.seq < o.seq
+      AND (p.state = 'pending' OR (p.state = 'dead' AND p.blocks = 1)))
+ORDER BY o.seq LIMIT ?
+"""
+OUTBOX_UPDATE = (
+    "UPDATE relais_outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+    "blocks = ?, updated_at = ? WHERE delivery_id = ?"
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A configured destination of a channel and how to treat its failures."""
+
+    spec: DestinationSpec
+    destination: Destination
+
+
+def backoff_delay(attempt: int, spec: DestinationSpec, rng: random.Random | None = None) -> float:
+    """Seconds before attempt `attempt + 1`: exponential, capped, with ±20 % jitter."""
+    base = min(spec.backoff_max, spec.backoff_initial * (2 ** (attempt - 1)))
+    return base * (0.8 + 0.4 * (rng or random).random())
+
+
+def _iso(dt: datetime) -> str:
+    return dt.isoformat(timespec="microseconds")
+
+
+class DeliveryWorkers:
+    def __init__(
+        self,
+        store: EventStore,
+        ingestor: Ingestor,
+        targets: Mapping[tuple[str, str], Target],
+        concurrency: int = 32,
+    ) -> None:
+        self.store = store
+        self.ingestor = ingestor
+        self.targets = dict(targets)
+        self._in_flight: set[str] = set()
+        self._busy_keys: set[tuple[str, str, str]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = ingestor.commit_signal()
+        self._task: asyncio.Task[None] | None = None
+        self._attempts: set[asyncio.Task[None]] = set()
+
+    def reload(self, targets: Mapping[tuple[str, str], Target]) -> None:
+        self.targets = dict(targets)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="relais-delivery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._attempts:
+            await asyncio.wait(self._attempts, timeout=10)
+        for target in self.targets.values():
+            await target.destination.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._carry_out_requests()
+            except Exception as e:
+                log.error("requests_failed", error=type(e).__name__, detail=str(e)[:200])
+            now = datetime.now(UTC)
+            try:
+                due = await asyncio.to_thread(self.store.query, DUE_DELIVERIES, [_iso(now), 500])
+            except Exception as e:
+                log.error("outbox_unreadable", error=type(e).__name__)
+                due = []
+            started = 0
+            for row in due:
+                key = (row["channel"], row["destination"], row["ordering_key"])
+                if row["delivery_id"] in self._in_flight or key in self._busy_keys:
+                    continue
+                target = self.targets.get((row["channel"], row["destination"]))
+                if target is None:
+                    continue  # channel or destination no longer configured: it waits
+                self._in_flight.add(row["delivery_id"])
+                self._busy_keys.add(key)
+                task = asyncio.create_task(self._attempt(row, target, key))
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
+                started += 1
+            if started:
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.25)
+            except TimeoutError:
+                pass
+
+    async def _attempt(self, row: dict[str, Any], target: Target, key: tuple[str, str, str]) -> None:
+        delivery_id = row["delivery_id"]
+        message_id = uuid.UUID(row["message_id"])
+        attempt = int(row["attempts"]) + 1
+        spec = target.spec
+        try:
+            async with self._slots:
+                now = _iso(datetime.now(UTC))
+                await self.ingestor.append(
+                    Appendix(
+                        events=[(message_id, DeliveryAttempted(now, delivery_id, attempt))],
+                        statements=[
+                            (
+                                OUTBOX_UPDATE,
+                                [
+                                    (
+                                        "pending",
+                                        attempt,
+                                        row["next_attempt_at"],
+                                        row["last_error"],
+                                        row["blocks"],
+                                        now,
+                                        delivery_id,
+                                    )
+                                ],
+                            )
+                        ],
+                    )
+                )
+                payload = await asyncio.to_thread(self.store.payload, row["payload_sha256"])
+                meta = await asyncio.to_thread(self._metadata, message_id)
+                delivery = Delivery(delivery_id, str(message_id), row["channel"], row["destination"], payload,
+                                    row["content_type"], meta, attempt)  # fmt: skip
+                try:
+                    outcome = await target.destination.deliver(delivery)
+                except PermanentFailure as e:
+                    await self._dead(message_id, delivery_id, attempt, f"permanent: {e}", spec)
+                except (TemporaryFailure, OSError, TimeoutError) as e:
+                    await self._failed(message_id, delivery_id, attempt, str(e) or type(e).__name__, spec)
+                except Exception as e:  # a connector bug must not lose the delivery
+                    await self._failed(message_id, delivery_id, attempt, f"{type(e).__name__}", spec)
+                else:
+                    done = _iso(datetime.now(UTC))
+                    await self.ingestor.append(
+                        Appendix(
+                            events=[(message_id, Delivered(done, delivery_id, attempt, outcome.detail[:200]))],
+                            statements=[(OUTBOX_UPDATE, [("delivered", attempt, done, "", 0, done, delivery_id)])],
+                        )
+                    )
+                    log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt)
+        except Exception as e:  # the store refused the record: the outbox row stays pending
+            log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
+        finally:
+            self._in_flight.discard(delivery_id)
+            self._busy_keys.discard(key)
+            self._wake.set()
+
+    def _metadata(self, message_id: uuid.UUID) -> dict[str, Any]:
+        rows = self.store.query(
+            "SELECT control_id, message_type, trigger_event, sender FROM relais_messages WHERE message_id = ?",
+            [str(message_id)],
+        )
+        if not rows:
+            return {}
+        row = rows[0]
+        app, _, fac = row["sender"].partition("|")
+        return {
+            "control_id": row["control_id"], "message_type": row["message_type"],
+            "trigger_event": row["trigger_event"], "sending_application": app, "sending_facility": fac,
+        }  # fmt: skip
+
+    async def _failed(
+        self, message_id: uuid.UUID, delivery_id: str, attempt: int, error: str, spec: DestinationSpec
+    ) -> None:
+        if attempt >= spec.max_attempts:
+            await self._dead(message_id, delivery_id, attempt, f"gave up after {attempt} attempts: {error}", spec)
+            return
+        now = datetime.now(UTC)
+        retry_at = _iso(now + timedelta(seconds=backoff_delay(attempt, spec)))
+        await self.ingestor.append(
+            Appendix(
+                events=[(message_id, DeliveryFailed(_iso(now), delivery_id, attempt, error[:300], retry_at))],
+                statements=[(OUTBOX_UPDATE, [("pending", attempt, retry_at, error[:300], 0, _iso(now), delivery_id)])],
+            )
+        )
+        log.warning("delivery_failed", delivery_id=delivery_id, attempt=attempt, retry_at=retry_at, error=error[:120])
+
+    async def _dead(
+        self, message_id: uuid.UUID, delivery_id: str, attempt: int, error: str, spec: DestinationSpec
+    ) -> None:
+        now = _iso(datetime.now(UTC))
+        blocks = spec.on_failure == "block"
+        await self.ingestor.append(
+            Appendix(
+                events=[(message_id, DeadLettered(now, delivery_id, attempt, error[:300], blocks))],
+                statements=[(OUTBOX_UPDATE, [("dead", attempt, now, error[:300], int(blocks), now, delivery_id)])],
+            )
+        )
+        log.error("dead_lettered", delivery_id=delivery_id, attempt=attempt, blocks=blocks, error=error[:120])
+
+    async def _carry_out_requests(self) -> None:
+        """Operators' redeliver requests (queued by `relais redeliver`), each a recorded event."""
+        pending = await asyncio.to_thread(
+            self.store.query, "SELECT * FROM relais_requests WHERE done_at IS NULL ORDER BY created_at"
+        )
+        for request in pending:
+            args = json.loads(request["args"])
+            if "message_id" in args:
+                rows = await asyncio.to_thread(
+                    self.store.query,
+                    "SELECT delivery_id, message_id FROM relais_outbox WHERE message_id = ? AND state <> 'pending'",
+                    [args["message_id"]],
+                )
+            else:
+                rows = await asyncio.to_thread(
+                    self.store.query,
+                    "SELECT delivery_id, message_id FROM relais_outbox "
+                    "WHERE channel = ? AND created_at >= ? AND state <> 'pending' ORDER BY seq",
+                    [args["channel"], args["since"]],
+                )
+            now = _iso(datetime.now(UTC))
+            appendix = Appendix(
+                events=[
+                    (
+                        uuid.UUID(r["message_id"]),
+                        Redelivered(now, r["delivery_id"], request["requested_by"], request["reason"]),
+                    )
+                    for r in rows
+                ],
+                statements=[
+                    (
+                        "UPDATE relais_outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                        "blocks = 0, last_error = '', updated_at = ? WHERE delivery_id = ?",
+                        [(now, now, r["delivery_id"]) for r in rows],
+                    ),
+                    (
+                        "UPDATE relais_requests SET done_at = ?, result = ? WHERE request_id = ?",
+                        [(now, f"{len(rows)} deliveries queued again", request["request_id"])],
+                    ),
+                ],
+            )
+            await self.ingestor.append(appendix)
+            log.info("redelivery_requested", request_id=request["request_id"], deliveries=len(rows),
+                     requested_by=request["requested_by"])  # fmt: skip

@@ -1,0 +1,188 @@
+"""The router: follows the log from its tracked position and plans deliveries.
+
+For each accepted message it records `MessageRouted` (channels, deliveries with their
+transformed payload) or `NotRouted` (why, per channel), fills the outbox and moves its
+position, all in one transaction: exactly once, across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from engine.ingest import Appendix, Ingestor, uuid7
+from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
+from event_store import EventStore
+from event_store.events import MessageRouted, NotRouted, PlannedDelivery
+from event_store.store import payload_ref
+
+__all__ = ["OUTBOX_INSERT", "TRACKING_UPSERT", "Plan", "Router", "plan_routes"]
+
+log = structlog.get_logger("relais.router")
+
+TRACKING_UPSERT = (
+    "INSERT INTO relais_tracking (name, position) VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+)
+OUTBOX_INSERT = "INSERT INTO relais_outbox VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class Plan:
+    """What routing one message decided (also what a dry-run prints)."""
+
+    message_id: uuid.UUID
+    position: int
+    routed: MessageRouted | NotRouted
+    payloads: list[tuple[Any, bytes]]
+
+
+def plan_routes(
+    channels: Sequence[Channel],
+    message_id: uuid.UUID,
+    position: int,
+    received: dict[str, Any],
+    raw: bytes,
+    inline_limit: int,
+) -> Plan:
+    """Run one stored message through the channels (pure: nothing is written)."""
+    now = _now()
+    metadata = received.get("metadata", {})
+    message = parse_for_routing(raw, metadata)
+    if message is None:
+        return Plan(message_id, position, NotRouted(now, "message is not readable HL7", {}, position), [])
+    item = RouteInput(message, metadata, received.get("listener", ""), "hl7")
+    encoding = metadata.get("decoded_as") or "utf-8"
+    matched, deliveries, payloads, misses = [], [], [], {}
+    for channel in channels:
+        result = channel.route(item, encoding)
+        if not result.matched:
+            misses[channel.name] = result.reason
+            continue
+        matched.append(channel.name)
+        ref = payload_ref(result.payload, "application/hl7-v2", inline_limit)
+        payloads.append((ref, result.payload))
+        for dest in channel.destinations:
+            key = ordering_key(dest.ordering_key, metadata)
+            delivery_id = str(uuid7())
+            deliveries.append(PlannedDelivery(delivery_id, channel.name, dest.name, key or delivery_id, ref))
+    if not matched:
+        reason = "no channel" if not channels else "no channel matched"
+        return Plan(message_id, position, NotRouted(now, reason, misses, position), [])
+    return Plan(message_id, position, MessageRouted(now, matched, deliveries, position), payloads)
+
+
+class Router:
+    name = "router"
+
+    def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
+        self.store = store
+        self.ingestor = ingestor
+        self.channels: tuple[Channel, ...] = tuple(channels)
+        self._task: asyncio.Task[None] | None = None
+        self._signal = ingestor.commit_signal()
+        self.position = 0
+        self.batch_size = 500
+
+    def reload(self, channels: Sequence[Channel]) -> None:
+        """Swap the channels; messages from now on use the new ones."""
+        self.channels = tuple(channels)
+
+    async def start(self) -> None:
+        self.position = await asyncio.to_thread(self._load_position)
+        self._task = asyncio.create_task(self._run(), name="relais-router")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def _load_position(self) -> int:
+        rows = self.store.query("SELECT position FROM relais_tracking WHERE name = ?", [self.name])
+        return int(rows[0]["position"]) if rows else 0
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                appendix, position, count = await asyncio.to_thread(self._plan_next, self.position)
+            except Exception as e:
+                log.error("routing_failed", error=type(e).__name__, detail=str(e)[:200])
+                await asyncio.sleep(1.0)
+                continue
+            if position == self.position:
+                self._signal.clear()
+                try:
+                    await asyncio.wait_for(self._signal.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                await self.ingestor.append(appendix)
+            except Exception as e:  # the store is unavailable: try the same messages again
+                log.error("routing_not_recorded", error=type(e).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            self.position = position
+            if count:
+                log.debug("routed", messages=count, position=position)
+
+    def _plan_next(self, after: int) -> tuple[Appendix, int, int]:
+        """Plan the next chunk of the log; returns (what to append, new position, messages)."""
+        store = self.store
+        notes = store.recorder.select_notifications(
+            start=after + 1, limit=self.batch_size, topics=["relais.MessageReceived"]
+        )
+        if not notes:
+            return Appendix(), after, 0
+        ids = [str(n.originator_id) for n in notes]
+        statuses = {
+            r["message_id"]: r["status"]
+            for r in store.query(
+                f"SELECT message_id, status FROM relais_messages WHERE message_id IN ({','.join('?' * len(ids))})",
+                ids,
+            )
+        }
+        appendix = Appendix()
+        outbox_rows: list[tuple[Any, ...]] = []
+        channels = self.channels
+        count = 0
+        now = _now()
+        for note in notes:
+            message_id = uuid.UUID(str(note.originator_id))
+            if statuses.get(str(message_id)) != "accepted":
+                continue  # refused at the edge: answered already, nothing to route
+            record = store.decode(note)
+            received = record.event
+            raw = store.payload(received["payload"]["sha256"])
+            plan = plan_routes(channels, message_id, note.id, received, raw, store.inline_limit)
+            appendix.events.append((message_id, plan.routed))
+            appendix.payloads.extend(plan.payloads)
+            if isinstance(plan.routed, MessageRouted):
+                for i, d in enumerate(plan.routed.deliveries):
+                    outbox_rows.append(
+                        (
+                            d.delivery_id, str(message_id), d.channel, d.destination, d.ordering_key,
+                            note.id * 1000 + i, d.payload.sha256, d.payload.content_type, "pending",
+                            0, 0, now, "", now, now,
+                        )
+                    )  # fmt: skip
+            count += 1
+        if outbox_rows:
+            appendix.statements.append((OUTBOX_INSERT, outbox_rows))
+        position = notes[-1].id
+        appendix.statements.append((TRACKING_UPSERT, [(self.name, position)]))
+        return appendix, position, count

@@ -1,0 +1,226 @@
+"""Routing end to end: a message in over MLLP, routed by a channel file, delivered to a real
+partner (a second Relais listening on MLLP), with retries, order, dead letters and reload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from hl7.client import MLLPClient
+
+from engine.er7 import Er7Message
+from tests.conftest import RunningRelais, adt
+
+RELAIS = str(Path(sys.executable).parent / "relais")
+
+
+def channel_file(
+    folder: Path, port: int, *, name: str = "to-partner", extra: str = "", dest: str = "", attempts: int = 4
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    path.write_text(
+        f"""
+name = "{name}"
+[filter]
+all = [{{ message_type = ["ADT^A0*"] }}, {{ sender = "SIH_CHU|*" }}]
+[tables.finess]
+CHU_EXEMPLE = "750712184"
+[[transform]]
+map = "MSH-4"
+table = "finess"
+[[transform]]
+set = "MSH-5"
+value = "PARTNER"
+{extra}
+[[destination]]
+name = "partner"
+type = "mllp"
+max_attempts = {attempts}
+backoff_initial = 0.05
+backoff_max = 0.2
+{dest}
+[destination.settings]
+host = "127.0.0.1"
+port = {port}
+ack_timeout = 2.0
+connect_timeout = 1.0
+"""
+    )
+    return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def send(port: int, message: str) -> str:
+    with MLLPClient("127.0.0.1", port) as client:
+        return Er7Message.parse(client.send_message(message).strip(b"\x0b\x1c\r").decode()).get("MSA-1")
+
+
+def topics(running: RunningRelais, control_id: str) -> list[str]:
+    rows = running.store.query("SELECT message_id FROM relais_messages WHERE control_id = ?", [control_id])
+    if not rows:
+        return []
+    return [e.topic.removeprefix("relais.") for e in running.store.events_of(uuid.UUID(rows[0]["message_id"]))]
+
+
+def received_by(partner: RunningRelais) -> list[Er7Message]:
+    rows = partner.store.query("SELECT payload_sha256 FROM relais_messages ORDER BY received_at")
+    return [Er7Message.parse(partner.store.payload(r["payload_sha256"]).decode()) for r in rows]
+
+
+def routed_relais(relais, tmp_path: Path, partner_port: int, **kw) -> RunningRelais:
+    routes = tmp_path / "routes"
+    channel_file(routes, partner_port, **kw)
+    return relais(routing={"enabled": True, "routes_dir": str(routes)})
+
+
+def test_message_is_routed_transformed_and_delivered_to_the_partner(relais, tmp_path: Path) -> None:
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    message = adt("A01", control_id="ROUTE-1")
+    assert send(hub.port, message) == "AA"
+    wait_for(lambda: "Delivered" in topics(hub, "ROUTE-1"), what="delivery")
+    assert topics(hub, "ROUTE-1") == ["MessageReceived", "MessageRouted", "DeliveryAttempted", "Delivered"]
+    [got] = received_by(partner)
+    assert got.get("MSH-10") == "ROUTE-1"
+    assert got.get("MSH-4") == "750712184" and got.get("MSH-5") == "PARTNER"
+    assert got.segments[2:] == Er7Message.parse(message).segments[2:]  # the rest untouched
+
+
+def test_message_no_channel_takes_is_recorded_not_routed_with_the_reason(relais, tmp_path: Path) -> None:
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    assert send(hub.port, adt("A28", control_id="NOROUTE-1")) == "AA"
+    wait_for(lambda: "NotRouted" in topics(hub, "NOROUTE-1"), what="NotRouted")
+    rows = hub.store.query("SELECT message_id FROM relais_messages WHERE control_id = 'NOROUTE-1'")
+    event = hub.store.events_of(uuid.UUID(rows[0]["message_id"]))[1].event
+    assert "ADT^A28" in event["misses"]["to-partner"]
+    assert received_by(partner) == []
+
+
+def test_partner_down_retries_then_delivers_in_order_per_patient(relais, tmp_path: Path) -> None:
+    partner = relais()
+    port = partner.port
+    partner.stop()  # the partner is down when the messages arrive
+    hub = routed_relais(relais, tmp_path, port, attempts=50)
+    ids = [f"ORDER-{i}" for i in range(5)]
+    for control_id in ids:
+        assert send(hub.port, adt("A01", control_id=control_id)) == "AA"
+    wait_for(lambda: "DeliveryFailed" in topics(hub, ids[0]), what="a failed attempt")
+    # Only the oldest message of the patient is attempted while the partner is down.
+    assert "DeliveryAttempted" not in topics(hub, ids[1])
+    partner_again = relais(listeners={"mllp": [{"name": "mllp", "port": port}]})
+    wait_for(lambda: all("Delivered" in topics(hub, c) for c in ids), timeout=30, what="all delivered")
+    assert [m.get("MSH-10") for m in received_by(partner_again)] == ids
+    failed = [e for e in topics(hub, ids[0]) if e == "DeliveryFailed"]
+    assert failed  # each failure is an event with its retry time
+
+
+def test_dead_letter_holds_the_key_until_redelivered(relais, tmp_path: Path) -> None:
+    partner = relais()
+    port = partner.port
+    partner.stop()
+    hub = routed_relais(relais, tmp_path, port, dest='on_failure = "block"')
+    assert send(hub.port, adt("A01", control_id="DEAD-1")) == "AA"
+    wait_for(lambda: "DeadLettered" in topics(hub, "DEAD-1"), what="dead letter")
+    assert topics(hub, "DEAD-1").count("DeliveryAttempted") == 4  # max_attempts
+    assert send(hub.port, adt("A03", control_id="DEAD-2")) == "AA"  # same patient: held
+    wait_for(lambda: "MessageRouted" in topics(hub, "DEAD-2"), what="routing")
+    time.sleep(0.5)
+    assert "DeliveryAttempted" not in topics(hub, "DEAD-2")
+    config = tmp_path / "relais1" / "config.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "relais1" / "relais.db"}"\nblob_dir = "blobs"\n')
+    listed = subprocess.run([RELAIS, "--config", str(config), "deadletters", "list", "--json"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    [dead] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert dead["channel"] == "to-partner" and dead["blocks"] == 1
+    partner_again = relais(listeners={"mllp": [{"name": "mllp", "port": port}]})
+    asked = subprocess.run([RELAIS, "--config", str(config), "redeliver", dead["message_id"], "--by", "opérateur",
+                            "--reason", "partner back"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    wait_for(lambda: "Delivered" in topics(hub, "DEAD-2"), timeout=30, what="held message delivered")
+    assert [m.get("MSH-10") for m in received_by(partner_again)] == ["DEAD-1", "DEAD-2"]
+    redelivered = [
+        e.event for e in hub.store.events_of(uuid.UUID(dead["message_id"])) if e.topic == "relais.Redelivered"
+    ]
+    assert redelivered and redelivered[0]["requested_by"] == "opérateur"
+
+
+def test_skip_policy_lets_the_next_messages_go(relais, tmp_path: Path) -> None:
+    partner = relais(listeners={"mllp": [{"name": "mllp", "port": 0, "required_fields": ["PV1-19"]}]})
+    hub = routed_relais(relais, tmp_path, partner.port, dest='on_failure = "skip"')
+    no_visit = adt("A01", control_id="SKIP-1").replace("V20261123001", "")  # partner answers AE
+    assert send(hub.port, no_visit) == "AA"
+    assert send(hub.port, adt("A01", control_id="SKIP-2")) == "AA"
+    wait_for(lambda: "Delivered" in topics(hub, "SKIP-2"), timeout=30, what="next message delivered")
+    wait_for(lambda: "DeadLettered" in topics(hub, "SKIP-1"), what="AE dead-lettered")
+
+
+def test_routing_resumes_after_restart_exactly_once(relais, tmp_path: Path) -> None:
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    for i in range(3):
+        assert send(hub.port, adt("A01", control_id=f"ONCE-{i}")) == "AA"
+    wait_for(lambda: all("Delivered" in topics(hub, f"ONCE-{i}") for i in range(3)), what="delivered")
+    hub.stop()
+    again = relais(
+        store={
+            "url": f"sqlite:///{tmp_path / 'relais1' / 'relais.db'}",
+            "blob_dir": str(tmp_path / "relais1" / "blobs"),
+        },
+        routing={"enabled": True, "routes_dir": str(tmp_path / "routes")},
+    )
+    assert send(again.port, adt("A01", control_id="ONCE-3")) == "AA"
+    wait_for(lambda: "Delivered" in topics(again, "ONCE-3"), what="delivered after restart")
+    for i in range(4):
+        assert topics(again, f"ONCE-{i}").count("MessageRouted") == 1
+    assert sorted(m.get("MSH-10") for m in received_by(partner)) == [f"ONCE-{i}" for i in range(4)]
+    assert again.store.verify_chain().ok
+
+
+def test_reload_applies_a_new_route_and_refuses_a_bad_one(relais, tmp_path: Path) -> None:
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    routes = tmp_path / "routes"
+    channel_file(routes, partner.port, extra='[[transform]]\nset = "MSH-6"\nvalue = "RELOADED"')
+    names = hub.loop_call(hub.app.reload_routes())
+    assert names == ["to-partner"]
+    assert send(hub.port, adt("A01", control_id="RELOAD-1")) == "AA"
+    wait_for(lambda: "Delivered" in topics(hub, "RELOAD-1"), what="delivery")
+    assert received_by(partner)[-1].get("MSH-6") == "RELOADED"
+    (routes / "broken.toml").write_text('[[destination]]\nname = "x"\ntype = "carrier-pigeon"\n')
+    try:
+        hub.loop_call(hub.app.reload_routes())
+        raise AssertionError("a bad route file was accepted")
+    except Exception as e:
+        assert "broken.toml" in str(e)
+    assert send(hub.port, adt("A01", control_id="RELOAD-2")) == "AA"  # old routes still work
+    wait_for(lambda: "Delivered" in topics(hub, "RELOAD-2"), what="delivery with the old routes")
+
+
+def test_file_destination_drops_the_transformed_message(relais, tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    (routes / "drop.toml").write_text(
+        f'[[destination]]\nname = "drop"\ntype = "file"\n[destination.settings]\nfolder = "{tmp_path / "out"}"\n'
+    )
+    hub = relais(routing={"enabled": True, "routes_dir": str(routes)})
+    message = adt("A01", control_id="FILE-1")
+    assert send(hub.port, message) == "AA"
+    wait_for(lambda: "Delivered" in topics(hub, "FILE-1"), what="file delivery")
+    [dropped] = list((tmp_path / "out").iterdir())
+    assert dropped.read_bytes() == message.encode()

@@ -164,6 +164,11 @@ class MqttDestination:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await client.__aexit__(None, None, None)
+        # an unexpected disconnection is stored on a future nobody awaits once we drop the client:
+        # read it, or asyncio logs "Future exception was never retrieved"
+        lost = getattr(client, "_disconnected", None)
+        if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
+            lost.exception()
 
 
 def _is_connected(client: aiomqtt.Client) -> bool:

@@ -58,10 +58,9 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _TlsSettings(_Settings):
+class _TlsFiles(_Settings):
     """TLS towards the partner: the system CAs unless `tls_ca`; a client certificate for mutual TLS."""
 
-    tls: bool = False
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -75,9 +74,19 @@ class _TlsSettings(_Settings):
         return path
 
     @model_validator(mode="after")
-    def _tls_consistent(self) -> Self:
+    def _cert_with_key(self) -> Self:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together (client certificate and its key)")
+        return self
+
+
+class _TlsSettings(_TlsFiles):
+    """For socket protocols (MLLP, MQTT): TLS only when `tls = true`."""
+
+    tls: bool = False
+
+    @model_validator(mode="after")
+    def _tls_on(self) -> Self:
         if not self.tls and (self.tls_ca or self.tls_cert):
             raise ValueError("tls_ca/tls_cert/tls_key are set but tls is not true")
         return self
@@ -106,7 +115,9 @@ class MllpSettings(_TlsSettings):
     max_ack_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 
-class HttpSettings(_TlsSettings):
+class HttpSettings(_TlsFiles):
+    """TLS follows the URL scheme (https://); tls_ca/tls_cert/tls_key refine it."""
+
     url: str
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     headers: dict[str, str] = Field(default_factory=dict)
@@ -141,8 +152,8 @@ class HttpSettings(_TlsSettings):
     def _one_token(self) -> Self:
         if self.bearer_token is not None and self.bearer_token_env:
             raise ValueError("bearer_token and bearer_token_env: give one of them, not both")
-        if self.tls_ca and not self.url.startswith("https://"):
-            raise ValueError("tls_ca is set but url is not https://")
+        if (self.tls_ca or self.tls_cert) and not self.url.startswith("https://"):
+            raise ValueError("tls_ca/tls_cert/tls_key are set but url is not https://")
         return self
 
 
@@ -206,8 +217,11 @@ def _build_mllp(name: str, s: MllpSettings) -> Destination:
 
 def _build_http(name: str, s: HttpSettings) -> Destination:
     verify: bool | ssl.SSLContext = False
-    if s.verify:
+    if s.verify or s.tls_cert:
         verify = client_ssl_context(s.tls_ca, s.tls_cert, s.tls_key)
+        if not s.verify:  # a client certificate, but no check of the server's (test setups only)
+            verify.check_hostname = False
+            verify.verify_mode = ssl.CERT_NONE
     return HttpDestination(name, s.url, method=s.method, headers=s.headers,
                            bearer_token=_secret(s.bearer_token, s.bearer_token_env, "bearer_token"),
                            timeout=s.timeout, verify=verify, body=s.body)  # fmt: skip

@@ -28,16 +28,17 @@ __all__ = ["DUE_DELIVERIES", "DeliveryWorkers", "Target", "backoff_delay"]
 
 log = structlog.get_logger("relais.delivery")
 
-# A pending delivery is due when its time has come and nothing older holds its key:
-# an earlier pending one (retrying) or an earlier dead letter of a blocking destination.
+# A pending delivery is due when its time has come and it is the oldest open delivery of
+# its key: nothing older is pending (retrying) or dead-lettered by a blocking destination.
+# One pass over the open rows (index on state), whatever the number of rows per key.
 DUE_DELIVERIES = """
 SELECT o.* FROM relais_outbox o
+JOIN (SELECT channel, destination, ordering_key, MIN(seq) AS head FROM relais_outbox
+      WHERE state = 'pending' OR (state = 'dead' AND blocks = 1)
+      GROUP BY channel, destination, ordering_key) k
+  ON o.channel = k.channel AND o.destination = k.destination
+ AND o.ordering_key = k.ordering_key AND o.seq = k.head
 WHERE o.state = 'pending' AND o.next_attempt_at <= ?
-  AND NOT EXISTS (
-    SELECT 1 FROM relais_outbox p
-    WHERE p.channel = o.channel AND p.destination = o.destination
-      AND p.ordering_key = o.ordering_key AND p.seq < o.seq
-      AND (p.state = 'pending' OR (p.state = 'dead' AND p.blocks = 1)))
 ORDER BY o.seq LIMIT ?
 """
 OUTBOX_UPDATE = (
@@ -126,13 +127,14 @@ class DeliveryWorkers:
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
                 started += 1
-            if started:
-                continue
+            # Wake on the next commit (new routes, finished attempts) or after a while for
+            # retries that come due; never re-read the outbox more than every few ms.
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), 0.25)
             except TimeoutError:
                 pass
+            await asyncio.sleep(0.005 if started else 0.002)
 
     async def _attempt(self, row: dict[str, Any], target: Target, key: tuple[str, str, str]) -> None:
         delivery_id = row["delivery_id"]
@@ -141,28 +143,9 @@ class DeliveryWorkers:
         spec = target.spec
         try:
             async with self._slots:
-                now = _iso(datetime.now(UTC))
-                await self.ingestor.append(
-                    Appendix(
-                        events=[(message_id, DeliveryAttempted(now, delivery_id, attempt))],
-                        statements=[
-                            (
-                                OUTBOX_UPDATE,
-                                [
-                                    (
-                                        "pending",
-                                        attempt,
-                                        row["next_attempt_at"],
-                                        row["last_error"],
-                                        row["blocks"],
-                                        now,
-                                        delivery_id,
-                                    )
-                                ],
-                            )
-                        ],
-                    )
-                )
+                # The attempt is recorded with its outcome, in one commit: a crash in between
+                # leaves the delivery pending, so it is attempted again (at least once).
+                attempted = DeliveryAttempted(_iso(datetime.now(UTC)), delivery_id, attempt)
                 payload = await asyncio.to_thread(self.store.payload, row["payload_sha256"])
                 meta = await asyncio.to_thread(self._metadata, message_id)
                 delivery = Delivery(delivery_id, str(message_id), row["channel"], row["destination"], payload,
@@ -170,22 +153,27 @@ class DeliveryWorkers:
                 try:
                     outcome = await target.destination.deliver(delivery)
                 except PermanentFailure as e:
-                    await self._dead(message_id, delivery_id, attempt, f"permanent: {e}", spec)
+                    await self._dead(attempted, message_id, delivery_id, attempt, f"permanent: {e}", spec)
                 except (TemporaryFailure, OSError, TimeoutError) as e:
-                    await self._failed(message_id, delivery_id, attempt, str(e) or type(e).__name__, spec)
+                    error = str(e) or type(e).__name__
+                    await self._failed(attempted, message_id, delivery_id, attempt, error, spec)
                 except Exception as e:  # a connector bug must not lose the delivery
-                    await self._failed(message_id, delivery_id, attempt, f"{type(e).__name__}", spec)
+                    await self._failed(attempted, message_id, delivery_id, attempt, type(e).__name__, spec)
                 else:
                     done = _iso(datetime.now(UTC))
                     await self.ingestor.append(
                         Appendix(
-                            events=[(message_id, Delivered(done, delivery_id, attempt, outcome.detail[:200]))],
+                            events=[
+                                (message_id, attempted),
+                                (message_id, Delivered(done, delivery_id, attempt, outcome.detail[:200])),
+                            ],
                             statements=[(OUTBOX_UPDATE, [("delivered", attempt, done, "", 0, done, delivery_id)])],
                         )
                     )
                     log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt)
         except Exception as e:  # the store refused the record: the outbox row stays pending
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
+            await asyncio.sleep(1.0)  # do not hammer a store that refuses writes
         finally:
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
@@ -206,29 +194,48 @@ class DeliveryWorkers:
         }  # fmt: skip
 
     async def _failed(
-        self, message_id: uuid.UUID, delivery_id: str, attempt: int, error: str, spec: DestinationSpec
+        self,
+        attempted: DeliveryAttempted,
+        message_id: uuid.UUID,
+        delivery_id: str,
+        attempt: int,
+        error: str,
+        spec: DestinationSpec,
     ) -> None:
         if attempt >= spec.max_attempts:
-            await self._dead(message_id, delivery_id, attempt, f"gave up after {attempt} attempts: {error}", spec)
+            why = f"gave up after {attempt} attempts: {error}"
+            await self._dead(attempted, message_id, delivery_id, attempt, why, spec)
             return
         now = datetime.now(UTC)
         retry_at = _iso(now + timedelta(seconds=backoff_delay(attempt, spec)))
         await self.ingestor.append(
             Appendix(
-                events=[(message_id, DeliveryFailed(_iso(now), delivery_id, attempt, error[:300], retry_at))],
+                events=[
+                    (message_id, attempted),
+                    (message_id, DeliveryFailed(_iso(now), delivery_id, attempt, error[:300], retry_at)),
+                ],
                 statements=[(OUTBOX_UPDATE, [("pending", attempt, retry_at, error[:300], 0, _iso(now), delivery_id)])],
             )
         )
         log.warning("delivery_failed", delivery_id=delivery_id, attempt=attempt, retry_at=retry_at, error=error[:120])
 
     async def _dead(
-        self, message_id: uuid.UUID, delivery_id: str, attempt: int, error: str, spec: DestinationSpec
+        self,
+        attempted: DeliveryAttempted,
+        message_id: uuid.UUID,
+        delivery_id: str,
+        attempt: int,
+        error: str,
+        spec: DestinationSpec,
     ) -> None:
         now = _iso(datetime.now(UTC))
         blocks = spec.on_failure == "block"
         await self.ingestor.append(
             Appendix(
-                events=[(message_id, DeadLettered(now, delivery_id, attempt, error[:300], blocks))],
+                events=[
+                    (message_id, attempted),
+                    (message_id, DeadLettered(now, delivery_id, attempt, error[:300], blocks)),
+                ],
                 statements=[(OUTBOX_UPDATE, [("dead", attempt, now, error[:300], int(blocks), now, delivery_id)])],
             )
         )

@@ -179,3 +179,15 @@ def adt(
         *extra_segments,
     ]
     return "\r".join(segments) + "\r"
+
+
+@pytest.fixture
+def mqtt_broker() -> int:
+    """The Mosquitto broker on 127.0.0.1:1883 (a failure, not a skip, when CI=true)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 1883), timeout=1):
+            return 1883
+    except OSError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Mosquitto is not reachable on 127.0.0.1:1883 and CI=true")
+        pytest.skip("Mosquitto is not running on 127.0.0.1:1883 (mosquitto -d to run this test)")

@@ -280,7 +280,7 @@ class Recorded:
 class HttpPartner:
     """A ThreadingHTTPServer on loopback that records requests and answers `status`."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.status = 200
         self.delay = 0.0
         self.requests: list[Recorded] = []
@@ -310,7 +310,10 @@ class HttpPartner:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/inbound/hl7"
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/inbound/hl7"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -402,6 +405,23 @@ async def test_http_slow_partner_times_out_as_a_temporary_failure(http_partner: 
     finally:
         await dest.close()
     assert time.monotonic() - started < 1.2
+
+
+async def test_https_with_client_certificate_built_by_the_registry(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    partner = HttpPartner(server_ctx)
+    settings = {"url": partner.url, "tls_ca": "pki/ca.pem", "tls_cert": "pki/client.pem",
+                "tls_key": "pki/client.key"}  # fmt: skip
+    dest = build_destination("api-tls", "http", settings, tmp_path)
+    try:
+        assert (await dest.deliver(delivery(hl7("CTRL-HTLS")))).detail == "HTTP 200"
+    finally:
+        await dest.close()
+        partner.stop()
+    assert partner.requests[0].body == hl7("CTRL-HTLS")
 
 
 async def test_http_partner_down_is_a_temporary_failure() -> None:

@@ -224,3 +224,38 @@ def test_file_destination_drops_the_transformed_message(relais, tmp_path: Path) 
     wait_for(lambda: "Delivered" in topics(hub, "FILE-1"), what="file delivery")
     [dropped] = list((tmp_path / "out").iterdir())
     assert dropped.read_bytes() == message.encode()
+
+
+def test_admission_notification_reaches_an_mqtt_subscriber(relais, tmp_path: Path, mqtt_broker: int) -> None:
+    import queue
+
+    import paho.mqtt.client as mqtt
+
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
+    subscriber.on_message = lambda _c, _u, msg: got.put((msg.topic, msg.payload))
+    subscriber.connect("127.0.0.1", mqtt_broker)
+    subscriber.subscribe("relais-test/#", qos=1)
+    subscriber.loop_start()
+    try:
+        routes = tmp_path / "routes"
+        routes.mkdir()
+        (routes / "gp.toml").write_text(
+            '[filter]\nall = [{ message_type = ["ADT^A01"] }, { field = "PID-32", equals = "VALI" }]\n'
+            '[[destination]]\nname = "gp"\ntype = "mqtt"\nordering_key = "patient"\n'
+            f'[destination.settings]\nhost = "127.0.0.1"\nport = {mqtt_broker}\n'
+            'topic = "relais-test/{sending_facility}/{trigger_event}"\nbody = "json"\n'
+        )
+        hub = relais(routing={"enabled": True, "routes_dir": str(routes)})
+        time.sleep(0.3)  # the subscription is in place
+        assert send(hub.port, adt("A01", control_id="MQTT-1")) == "AA"
+        assert send(hub.port, adt("A01", control_id="MQTT-2", reliability="PROV")) == "AA"
+        topic, body = got.get(timeout=15)
+        assert topic == "relais-test/CHU_EXEMPLE/A01"
+        envelope = json.loads(body)
+        assert envelope["channel"] == "gp" and "MQTT-1" in envelope["payload"]
+        wait_for(lambda: "NotRouted" in topics(hub, "MQTT-2"), what="provisional identity not routed")
+        assert got.empty()
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()

@@ -1,0 +1,135 @@
+"""End-to-end benchmark: MLLP in -> durable ACK -> router -> outbox -> MLLP out to a local
+receiver that ACKs. Prints ingest msg/s, delivered msg/s and the lag from ACK to delivery.
+
+    .venv/bin/python bench/e2e_routing.py [--connections 8] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hl7_ingest import free_port, message_template, running
+
+ROOT = Path(__file__).resolve().parent.parent
+SB, EB = b"\x0b", b"\x1c\r"
+
+
+def control_id_of(frame: bytes) -> bytes:
+    return frame.split(b"\r", 1)[0].split(b"|")[9]
+
+
+def receiver(port: int, pipe: Connection, stop_after: float) -> None:
+    """A partner that ACKs at once and notes when each control ID arrived."""
+    seen: dict[bytes, float] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = b""
+        while data := await reader.read(65536):
+            buf += data
+            while (end := buf.find(b"\x1c")) >= 0:
+                frame, buf = buf[buf.find(SB) + 1 : end], buf[end + 2 :]
+                cid = control_id_of(frame)
+                seen.setdefault(cid, time.time())
+                ack = b"MSH|^~\\&|R|R|S|S|20261123||ACK^A01^ACK|1|P|2.5\rMSA|AA|" + cid + b"\r"
+                writer.write(SB + ack + EB)
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", port)
+        async with server:
+            await asyncio.sleep(stop_after)
+
+    asyncio.run(main())
+    pipe.send(seen)
+
+
+def load(port: int, n_conn: int, duration: float, pipe: Connection) -> None:
+    """N connections, each sends a message and waits for its ACK; notes each ACK time."""
+    head, tail = message_template()
+    acked: dict[bytes, float] = {}
+    patient = b"123456^^^CHU_EXEMPLE"  # varied below: order is kept per patient, patients go in parallel
+
+    async def one(conn_no: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        deadline = time.monotonic() + duration
+        i = 0
+        while time.monotonic() < deadline:
+            cid = f"E2E{conn_no:03d}{i:09d}".encode()
+            ipp = f"{(conn_no * 7919 + i) % 5000:06d}^^^CHU_EXEMPLE".encode()
+            writer.write(SB + head + cid + tail.replace(patient, ipp) + EB)
+            data = await reader.readuntil(b"\x1c\r")
+            if b"MSA|AA|" + cid in data:
+                acked[cid] = time.time()
+            i += 1
+        writer.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(one(c) for c in range(n_conn)))
+
+    asyncio.run(main())
+    pipe.send(acked)
+
+
+def pct(values: list[float], p: float) -> float:
+    return statistics.quantiles(values, n=100)[int(p) - 1] if len(values) > 1 else (values[0] if values else 0.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--drain", type=float, default=60.0, help="max seconds to wait for the outbox to empty")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
+        tmp = Path(d)
+        relais_port, partner_port = free_port(), free_port()
+        (tmp / "routes").mkdir()
+        (tmp / "routes" / "partner.toml").write_text(
+            '[filter]\nmessage_type = "ADT"\n[[transform]]\nset = "MSH-5"\nvalue = "PARTNER"\n'
+            '[[destination]]\nname = "partner"\ntype = "mllp"\nordering_key = "sender+patient"\n'
+            f'[destination.settings]\nhost = "127.0.0.1"\nport = {partner_port}\n'
+        )
+        (tmp / "config.toml").write_text(
+            '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
+            f'[[listeners.mllp]]\nname = "mllp"\nport = {relais_port}\n'
+        )
+        ctx = mp.get_context("spawn")
+        recv_pipe, recv_child = ctx.Pipe(duplex=False)
+        rproc = ctx.Process(
+            target=receiver, args=(partner_port, recv_child, args.duration + args.drain + 5), daemon=True
+        )
+        rproc.start()
+        cmd = [str(ROOT / ".venv" / "bin" / "relais"), "--config", str(tmp / "config.toml"), "run"]
+        with running(cmd, relais_port, tmp / "server.log"):
+            load_pipe, load_child = ctx.Pipe(duplex=False)
+            lproc = ctx.Process(target=load, args=(relais_port, args.connections, args.duration, load_child))
+            start = time.time()
+            lproc.start()
+            acked: dict[bytes, float] = load_pipe.recv()
+            lproc.join()
+            rproc.join(args.duration + args.drain + 30)
+            delivered: dict[bytes, float] = recv_pipe.recv()
+    lags = [(delivered[c] - t) * 1000 for c, t in acked.items() if c in delivered]
+    last = max(delivered.values(), default=start)
+    print(f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP")
+    print(f"{'acked':>8} {'ingest/s':>9} {'delivered':>10} {'deliv/s':>8} {'lag p50 ms':>11} {'lag p99 ms':>11}"
+          f" {'lag max ms':>11} {'lost':>5}")  # fmt: skip
+    print(
+        f"{len(acked):>8} {len(acked) / args.duration:>9.0f} {len(lags):>10} {len(lags) / (last - start):>8.0f} "
+        f"{pct(lags, 50):>11.1f} {pct(lags, 99):>11.1f} {max(lags, default=0):>11.1f} "
+        f"{len(acked) - len(lags):>5}"
+    )
+    return 0 if len(lags) == len(acked) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,7 +32,10 @@ log = structlog.get_logger("relais.delivery")
 # its key: nothing older is pending (retrying) or dead-lettered by a blocking destination.
 # One pass over the open rows (index on state), whatever the number of rows per key.
 DUE_DELIVERIES = """
-SELECT o.* FROM relais_outbox o
+SELECT o.*, p.data AS inline_payload, m.control_id, m.message_type, m.trigger_event, m.sender
+FROM relais_outbox o
+LEFT JOIN relais_payloads p ON p.sha256 = o.payload_sha256
+LEFT JOIN relais_messages m ON m.message_id = o.message_id
 JOIN (SELECT channel, destination, ordering_key, MIN(seq) AS head FROM relais_outbox
       WHERE state = 'pending' OR (state = 'dead' AND blocks = 1)
       GROUP BY channel, destination, ordering_key) k
@@ -146,8 +149,14 @@ class DeliveryWorkers:
                 # The attempt is recorded with its outcome, in one commit: a crash in between
                 # leaves the delivery pending, so it is attempted again (at least once).
                 attempted = DeliveryAttempted(_iso(datetime.now(UTC)), delivery_id, attempt)
-                payload = await asyncio.to_thread(self.store.payload, row["payload_sha256"])
-                meta = await asyncio.to_thread(self._metadata, message_id)
+                # Small payloads come with the outbox row; large ones are read from the blob folder.
+                inline = row["inline_payload"]
+                payload = (
+                    bytes(inline)
+                    if inline is not None
+                    else await asyncio.to_thread(self.store.payload, row["payload_sha256"])
+                )
+                meta = _metadata(row)
                 delivery = Delivery(delivery_id, str(message_id), row["channel"], row["destination"], payload,
                                     row["content_type"], meta, attempt)  # fmt: skip
                 try:
@@ -178,20 +187,6 @@ class DeliveryWorkers:
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
             self._wake.set()
-
-    def _metadata(self, message_id: uuid.UUID) -> dict[str, Any]:
-        rows = self.store.query(
-            "SELECT control_id, message_type, trigger_event, sender FROM relais_messages WHERE message_id = ?",
-            [str(message_id)],
-        )
-        if not rows:
-            return {}
-        row = rows[0]
-        app, _, fac = row["sender"].partition("|")
-        return {
-            "control_id": row["control_id"], "message_type": row["message_type"],
-            "trigger_event": row["trigger_event"], "sending_application": app, "sending_facility": fac,
-        }  # fmt: skip
 
     async def _failed(
         self,
@@ -285,3 +280,15 @@ class DeliveryWorkers:
             await self.ingestor.append(appendix)
             log.info("redelivery_requested", request_id=request["request_id"], deliveries=len(rows),
                      requested_by=request["requested_by"])  # fmt: skip
+
+
+def _metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """What a destination may use to name or route what it sends (never patient data)."""
+    app, _, fac = (row.get("sender") or "").partition("|")
+    return {
+        "control_id": row.get("control_id") or "",
+        "message_type": row.get("message_type") or "",
+        "trigger_event": row.get("trigger_event") or "",
+        "sending_application": app,
+        "sending_facility": fac,
+    }

@@ -259,3 +259,30 @@ def test_admission_notification_reaches_an_mqtt_subscriber(relais, tmp_path: Pat
     finally:
         subscriber.loop_stop()
         subscriber.disconnect()
+
+
+def test_redeliver_a_channel_since_a_time_sends_again_and_records_who_asked(relais, tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    (routes / "drop.toml").write_text(
+        f'[[destination]]\nname = "drop"\ntype = "file"\n[destination.settings]\nfolder = "{tmp_path / "out"}"\n'
+    )
+    hub = relais(routing={"enabled": True, "routes_dir": str(routes)})
+    for i in range(2):
+        assert send(hub.port, adt("A01", control_id=f"AGAIN-{i}")) == "AA"
+    wait_for(lambda: all("Delivered" in topics(hub, f"AGAIN-{i}") for i in range(2)), what="deliveries")
+    config = tmp_path / "relais0" / "config.toml"
+    config.write_text('[store]\nurl = "sqlite:///relais.db"\nblob_dir = "blobs"\n')
+    asked = subprocess.run(
+        [RELAIS, "--config", str(config), "redeliver", "--channel", "drop", "--since", "2000-01-01",
+         "--by", "integrateur", "--reason", "partner lost its files"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    for i in range(2):
+        wait_for(lambda i=i: topics(hub, f"AGAIN-{i}").count("Delivered") == 2, what="second delivery")
+        assert "Redelivered" in topics(hub, f"AGAIN-{i}")
+    assert len(list((tmp_path / "out").iterdir())) == 2  # same bytes, same files: nothing doubled
+    bad = subprocess.run([RELAIS, "--config", str(config), "redeliver", "--channel", "drop"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "--since" in bad.stderr

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import structlog
 
-__all__ = ["END_BLOCK", "START_BLOCK", "FrameHandler", "MllpServer", "frame"]
+__all__ = ["END_BLOCK", "START_BLOCK", "FrameAnswer", "FrameHandler", "MllpServer", "frame"]
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c"
@@ -32,8 +32,17 @@ def frame(payload: bytes) -> bytes:
     return START_BLOCK + payload + END_BLOCK + CR
 
 
+@dataclass(frozen=True)
+class FrameAnswer:
+    """An answer now, and one more later on the same connection (e.g. an HL7 application
+    ACK after the commit ACK); the next frame is read without waiting for `later`."""
+
+    now: bytes | None
+    later: Awaitable[bytes | None] | None = None
+
+
 class FrameHandler(Protocol):
-    def handle(self, raw: bytes, peer: str) -> Awaitable[bytes | None]:
+    def handle(self, raw: bytes, peer: str) -> Awaitable[bytes | FrameAnswer | None]:
         """Answer one whole frame (None: send nothing)."""
 
     def oversized(self, prefix: bytes, peer: str) -> Awaitable[bytes | None]:
@@ -124,6 +133,26 @@ class MllpServer:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        later_tasks: set[asyncio.Task[None]] = set()
+        try:
+            await self._read_frames(reader, writer, peer, later_tasks)
+        finally:
+            for task in later_tasks:
+                task.cancel()
+
+    async def _send_later(self, writer: asyncio.StreamWriter, later: Awaitable[bytes | None]) -> None:
+        answer = await later
+        if answer is not None and not writer.is_closing():
+            writer.write(frame(answer))
+            await writer.drain()
+
+    async def _read_frames(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        later_tasks: set[asyncio.Task[None]],
+    ) -> None:
         buf = bytearray()
         in_frame = False
         handler = self.handler
@@ -174,9 +203,17 @@ class MllpServer:
                 assert task is not None
                 self._busy.add(task)
                 try:
-                    answer = await handler.handle(payload, peer)
-                    if answer is not None:
-                        writer.write(frame(answer))
+                    reply = await handler.handle(payload, peer)
+                    if isinstance(reply, FrameAnswer):
+                        if reply.later is not None:
+                            # Started now as its own task, so it runs even if the sender is gone.
+                            pending = asyncio.ensure_future(reply.later)
+                            later = asyncio.create_task(self._send_later(writer, pending))
+                            later_tasks.add(later)
+                            later.add_done_callback(later_tasks.discard)
+                        reply = reply.now
+                    if reply is not None:
+                        writer.write(frame(reply))
                         await writer.drain()
                 finally:
                     self._busy.discard(task)

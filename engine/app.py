@@ -123,7 +123,7 @@ class RelaisApp:
                 name=listener.name,
                 host=listener.host,
                 port=listener.port,
-                handler=Hl7Intake(listener, self.ingestor),
+                handler=Hl7Intake(listener, self.ingestor, decisions=self.router.decision if self.router else None),
                 max_frame_bytes=listener.max_frame_bytes,
                 idle_timeout=listener.idle_timeout,
                 max_connections=listener.max_connections,

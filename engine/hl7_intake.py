@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from connectors.mllp import FrameAnswer
 from engine.ack import build_ack
 from engine.config import MllpListener
 from engine.er7 import Er7Error, Er7Message
 from engine.ingest import Ingestor, IngestUnavailable, Receipt, Submission, Verdict
+from event_store import Event
 
 __all__ = ["Hl7Intake", "decode_hl7", "read_metadata"]
 
@@ -157,14 +161,22 @@ _ORIGINAL = _Mode(False, "")
 class Hl7Intake:
     """Turns received ER7 bytes into a durable submission and the ACK to send back."""
 
-    def __init__(self, listener: MllpListener, ingestor: Ingestor, protocol: str = "mllp") -> None:
+    def __init__(
+        self,
+        listener: MllpListener,
+        ingestor: Ingestor,
+        protocol: str = "mllp",
+        decisions: Callable[[uuid.UUID], Awaitable[Event | None]] | None = None,
+    ) -> None:
         self.listener = listener
         self.ingestor = ingestor
         self.protocol = protocol
+        self.decisions = decisions  # the router's decision per message, for application ACKs
         self._senders = listener.allowed_senders
 
-    async def handle(self, raw: bytes, peer: str) -> bytes | None:
-        """The encoded ACK for one message, or None when no answer is due."""
+    async def handle(self, raw: bytes, peer: str) -> bytes | FrameAnswer | None:
+        """The encoded ACK for one message, or None when no answer is due; in enhanced mode
+        with MSH-16 valued, the application ACK follows once the message is routed."""
         text, codec, flags = decode_hl7(raw, self.listener.default_charset)
         msg: Er7Message | None
         try:
@@ -218,9 +230,35 @@ class Hl7Intake:
         )
         if meta.get("message_type") == "ACK":
             return None  # never acknowledge an acknowledgement
-        if not mode.wants_answer(receipt.verdict.status):
+        commit_ack = (
+            self._encode(msg, receipt.verdict, _ack_control_id(receipt), receipt.received_at, codec)
+            if mode.wants_answer(receipt.verdict.status)
+            else None
+        )
+        app_ack = meta.get("application_ack_type", "").upper()
+        if (
+            mode.enhanced
+            and app_ack in ("AL", "ER", "SU")
+            and receipt.verdict.status == "accepted"
+            and not receipt.duplicate
+        ):
+            return FrameAnswer(commit_ack, self._application_ack(msg, receipt, app_ack, codec))
+        return commit_ack
+
+    async def _application_ack(self, msg: Er7Message | None, receipt: Receipt, wanted: str, codec: str) -> bytes | None:
+        """AA once routed (or at once when routing is off), AE when no channel took it."""
+        decision = await self.decisions(receipt.message_id) if self.decisions else None
+        if self.decisions is not None and decision is None:
+            return None  # no decision in time: the sender's own timeout applies
+        if decision is not None and type(decision).__name__ == "NotRouted":
+            reason = f"not routed: {getattr(decision, 'reason', '')}"
+            verdict = Verdict("error", "AE", "207", reason)
+        else:
+            verdict = Verdict("accepted", "AA")
+        if (wanted == "ER" and verdict.ack_code == "AA") or (wanted == "SU" and verdict.ack_code != "AA"):
             return None
-        return self._encode(msg, receipt.verdict, _ack_control_id(receipt), receipt.received_at, codec)
+        control = f"A{receipt.message_id.hex[:19].upper()}"
+        return self._encode(msg, verdict, control, receipt.received_at, codec)
 
     async def truncated(self, partial: bytes, peer: str, reason: str) -> None:
         """Keep the bytes of a frame the sender never finished, as a rejected message."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,6 +94,38 @@ class Router:
         self._signal = ingestor.commit_signal()
         self.position = 0
         self.batch_size = 500
+        # Who waits for a routing decision (HL7 application ACKs), and the latest decisions.
+        self._waiting: dict[uuid.UUID, list[asyncio.Future[MessageRouted | NotRouted]]] = {}
+        self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted] = OrderedDict()
+
+    async def decision(self, message_id: uuid.UUID, timeout: float = 30.0) -> MessageRouted | NotRouted | None:
+        """The routing decision for a message, once committed (None if it takes too long)."""
+        known = self._recent.get(message_id)
+        if known is not None:
+            return known
+        fut: asyncio.Future[MessageRouted | NotRouted] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(message_id, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._waiting.get(message_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._waiting.pop(message_id, None)
+
+    def _decided(self, appendix: Appendix) -> None:
+        for message_id, event in appendix.events:
+            if not isinstance(event, MessageRouted | NotRouted):
+                continue
+            self._recent[message_id] = event
+            for fut in self._waiting.pop(message_id, []):
+                if not fut.done():
+                    fut.set_result(event)
+        while len(self._recent) > 10_000:
+            self._recent.popitem(last=False)
 
     def reload(self, channels: Sequence[Channel]) -> None:
         """Swap the channels; messages from now on use the new ones."""
@@ -137,6 +170,7 @@ class Router:
                 await asyncio.sleep(1.0)
                 continue
             self.position = position
+            self._decided(appendix)
             if count:
                 log.debug("routed", messages=count, position=position)
 

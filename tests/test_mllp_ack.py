@@ -124,7 +124,7 @@ def test_enhanced_mode_sends_commit_acks_per_msh15(relais) -> None:
     bad = {"extra_segments": ()}
     ack = send(running.port, adt(accept_ack="AL", app_ack="NE"))
     assert ack.get("MSA-1") == "CA"
-    ack = send(running.port, adt(accept_ack="SU", app_ack="AL"))
+    ack = send(running.port, adt(accept_ack="SU", app_ack="NE"))
     assert ack.get("MSA-1") == "CA"
     ack = send(running.port, adt(accept_ack="AL", **bad).replace("V20261123001", ""))
     assert ack.get("MSA-1") == "CE" and ack.get("ERR-3.1") == "101"

@@ -286,3 +286,45 @@ def test_redeliver_a_channel_since_a_time_sends_again_and_records_who_asked(rela
     bad = subprocess.run([RELAIS, "--config", str(config), "redeliver", "--channel", "drop"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def read_frames(sock, count: int, timeout: float = 10.0) -> list[Er7Message]:
+    sock.settimeout(timeout)
+    buf = b""
+    while buf.count(b"\x1c") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return [Er7Message.parse(f.strip(b"\x0b\r").decode()) for f in buf.split(b"\x1c") if f.strip(b"\x0b\r")]
+
+
+def test_enhanced_mode_application_ack_follows_routing(relais, tmp_path: Path) -> None:
+    import socket
+
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    with socket.create_connection(("127.0.0.1", hub.port)) as sock:
+        routed = adt("A01", control_id="APP-1", accept_ack="AL", app_ack="AL")
+        sock.sendall(b"\x0b" + routed.encode() + b"\x1c\r")
+        commit, application = read_frames(sock, 2)
+        assert (commit.get("MSA-1"), commit.get("MSA-2")) == ("CA", "APP-1")
+        assert (application.get("MSA-1"), application.get("MSA-2")) == ("AA", "APP-1")
+        assert application.get("MSH-10") != commit.get("MSH-10")
+        # Not routed (A28 is outside the channel's filter): AE with the reason.
+        sock.sendall(b"\x0b" + adt("A28", control_id="APP-2", accept_ack="AL", app_ack="AL").encode() + b"\x1c\r")
+        commit, application = read_frames(sock, 2)
+        assert commit.get("MSA-1") == "CA" and application.get("MSA-1") == "AE"
+        assert "not routed" in application.get("MSA-3") and application.get("ERR-3.1") == "207"
+        # ER: an application ACK only on error; SU: only on success.
+        sock.sendall(b"\x0b" + adt("A01", control_id="APP-3", accept_ack="NE", app_ack="ER").encode() + b"\x1c\r")
+        sock.sendall(b"\x0b" + adt("A28", control_id="APP-4", accept_ack="NE", app_ack="SU").encode() + b"\x1c\r")
+        sock.sendall(b"\x0b" + adt("A01", control_id="APP-5", accept_ack="NE", app_ack="SU").encode() + b"\x1c\r")
+        [only] = read_frames(sock, 1)
+        assert (only.get("MSA-1"), only.get("MSA-2")) == ("AA", "APP-5")
+        sock.settimeout(1.0)
+        try:
+            extra = sock.recv(65536)
+        except TimeoutError:
+            extra = b""
+        assert extra == b""

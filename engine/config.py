@@ -7,11 +7,12 @@ what was expected:  `config.toml: listeners.mllp[0].port: Input should be ... (g
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.toml_files import describe_validation_error, read_toml
 
 __all__ = ["ConfigError", "MllpListener", "RelaisConfig", "TlsSettings", "load_config"]
 
@@ -135,20 +136,11 @@ class RelaisConfig(_Strict):
 
 
 def load_config(path: Path) -> RelaisConfig:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such configuration file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    raw = read_toml(path, ConfigError, "configuration file")
     try:
         config = RelaisConfig.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
-            lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from e
+        raise ConfigError(describe_validation_error(e, path)) from e
     names = [listener.name for listener in config.listeners.mllp]
     if len(names) != len(set(names)):
         raise ConfigError(f"{path}: listeners.mllp: listener names must be unique (got {names})")

@@ -23,6 +23,7 @@ from engine.config import MllpListener
 from engine.er7 import Er7Error, Er7Message
 from engine.ingest import Ingestor, IngestUnavailable, Receipt, Submission, Verdict
 from event_store import Event
+from event_store.events import NotRouted
 
 __all__ = ["Hl7Intake", "decode_hl7", "read_metadata"]
 
@@ -250,8 +251,8 @@ class Hl7Intake:
         decision = await self.decisions(receipt.message_id) if self.decisions else None
         if self.decisions is not None and decision is None:
             return None  # no decision in time: the sender's own timeout applies
-        if decision is not None and type(decision).__name__ == "NotRouted":
-            reason = f"not routed: {getattr(decision, 'reason', '')}"
+        if isinstance(decision, NotRouted):
+            reason = f"not routed: {decision.reason}"
             verdict = Verdict("error", "AE", "207", reason)
         else:
             verdict = Verdict("accepted", "AA")

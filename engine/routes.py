@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.er7 import Er7Error, Er7Message
 from engine.er7_write import Er7Draft, TransformError
+from engine.toml_files import describe_validation_error, read_toml
 
 __all__ = [
     "Channel",
@@ -330,25 +330,12 @@ def ordering_key(kind: str, metadata: dict[str, Any]) -> str:
     return f"{sender}/{patient}"
 
 
-def _describe(e: ValidationError, path: Path) -> str:
-    lines = []
-    for err in e.errors():
-        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
-        lines.append(f"{path}: {key or '(file)'}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
 def load_channel(path: Path) -> Channel:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise RouteError(f"{path}: no such channel file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise RouteError(f"{path}: not valid TOML: {e}") from e
+    raw = read_toml(path, RouteError, "channel file")
     try:
         spec = ChannelFile.model_validate(raw)
     except ValidationError as e:
-        raise RouteError(_describe(e, path)) from e
+        raise RouteError(describe_validation_error(e, path)) from e
     from connectors.registry import validate_settings
 
     for i, dest in enumerate(spec.destination):

@@ -185,6 +185,15 @@ class Ingestor:
         try:
             receipts = await asyncio.to_thread(self._commit, [s for s, _ in items])
         except Exception as e:
+            messages = [i for i in items if isinstance(i[0], Submission)]
+            followers = [i for i in items if isinstance(i[0], Appendix)]
+            if messages and followers:
+                # A bad routing/delivery record must not cost hospitals their ACKs (nor the
+                # reverse): commit the two kinds apart and answer each by its own outcome.
+                log.warning("mixed_batch_failed_retrying_apart", size=len(items), error=type(e).__name__)
+                await self._commit_and_answer(messages)
+                await self._commit_and_answer(followers)
+                return
             log.error("batch_commit_failed", size=len(items), error=type(e).__name__, detail=str(e)[:200])
             for _, fut in items:
                 if not fut.done():

@@ -95,3 +95,26 @@ def test_message_in_flight_at_shutdown_still_gets_its_ack(relais) -> None:
     running.stop()
     thread.join(10)
     assert answers and b"MSA|AA|" in answers[0]
+
+
+def test_a_bad_follower_record_does_not_cost_messages_their_ack(relais) -> None:
+    import asyncio
+
+    from engine.ingest import Appendix, IngestUnavailable
+
+    running = relais(ingest={"batch_window_ms": 100})  # the two land in one batch
+    ingestor = running.app.ingestor
+    bad = Appendix(statements=[("INSERT INTO no_such_table VALUES (?)", [(1,)])])
+
+    async def append_bad() -> str:
+        try:
+            await ingestor.append(bad)
+        except IngestUnavailable:
+            return "refused"
+        return "accepted"
+
+    outcome = asyncio.run_coroutine_threadsafe(append_bad(), running.loop)
+    with MLLPClient("127.0.0.1", running.port) as client:
+        ack = Er7Message.parse(client.send_message(adt()).strip(b"\x0b\x1c\r").decode())
+    assert ack.get("MSA-1") == "AA"
+    assert outcome.result(10) == "refused"

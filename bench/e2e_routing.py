@@ -31,6 +31,7 @@ def control_id_of(frame: bytes) -> bytes:
 def receiver(port: int, pipe: Connection, stop_after: float) -> None:
     """A partner that ACKs at once and notes when each control ID arrived."""
     seen: dict[bytes, float] = {}
+    frames = [0]
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = b""
@@ -39,6 +40,7 @@ def receiver(port: int, pipe: Connection, stop_after: float) -> None:
             while (end := buf.find(b"\x1c")) >= 0:
                 frame, buf = buf[buf.find(SB) + 1 : end], buf[end + 2 :]
                 cid = control_id_of(frame)
+                frames[0] += 1
                 seen.setdefault(cid, time.time())
                 ack = b"MSH|^~\\&|R|R|S|S|20261123||ACK^A01^ACK|1|P|2.5\rMSA|AA|" + cid + b"\r"
                 writer.write(SB + ack + EB)
@@ -49,7 +51,7 @@ def receiver(port: int, pipe: Connection, stop_after: float) -> None:
             await asyncio.sleep(stop_after)
 
     asyncio.run(main())
-    pipe.send(seen)
+    pipe.send((seen, frames[0]))
 
 
 def load(port: int, n_conn: int, duration: float, pipe: Connection) -> None:
@@ -117,16 +119,16 @@ def main() -> int:
             acked: dict[bytes, float] = load_pipe.recv()
             lproc.join()
             rproc.join(args.duration + args.drain + 30)
-            delivered: dict[bytes, float] = recv_pipe.recv()
+            delivered, frames = recv_pipe.recv()
     lags = [(delivered[c] - t) * 1000 for c, t in acked.items() if c in delivered]
     last = max(delivered.values(), default=start)
     print(f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP")
     print(f"{'acked':>8} {'ingest/s':>9} {'delivered':>10} {'deliv/s':>8} {'lag p50 ms':>11} {'lag p99 ms':>11}"
-          f" {'lag max ms':>11} {'lost':>5}")  # fmt: skip
+          f" {'lag max ms':>11} {'lost':>5} {'twice':>5}")  # fmt: skip
     print(
         f"{len(acked):>8} {len(acked) / args.duration:>9.0f} {len(lags):>10} {len(lags) / (last - start):>8.0f} "
         f"{pct(lags, 50):>11.1f} {pct(lags, 99):>11.1f} {max(lags, default=0):>11.1f} "
-        f"{len(acked) - len(lags):>5}"
+        f"{len(acked) - len(lags):>5} {frames - len(delivered):>5}"
     )
     return 0 if len(lags) == len(acked) else 1
 

@@ -80,6 +80,8 @@ class DeliveryWorkers:
         self.ingestor = ingestor
         self.targets = dict(targets)
         self._in_flight: set[str] = set()
+        # Attempts that finished while the outbox was being read: their rows may be stale.
+        self._finished: set[str] = set()
         self._busy_keys: set[tuple[str, str, str]] = set()
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = ingestor.commit_signal()
@@ -111,6 +113,7 @@ class DeliveryWorkers:
             except Exception as e:
                 log.error("requests_failed", error=type(e).__name__, detail=str(e)[:200])
             now = datetime.now(UTC)
+            self._finished.clear()
             try:
                 due = await asyncio.to_thread(self.store.query, DUE_DELIVERIES, [_iso(now), 500])
             except Exception as e:
@@ -119,7 +122,8 @@ class DeliveryWorkers:
             started = 0
             for row in due:
                 key = (row["channel"], row["destination"], row["ordering_key"])
-                if row["delivery_id"] in self._in_flight or key in self._busy_keys:
+                busy = row["delivery_id"] in self._in_flight or row["delivery_id"] in self._finished
+                if busy or key in self._busy_keys:
                     continue
                 target = self.targets.get((row["channel"], row["destination"]))
                 if target is None:
@@ -184,6 +188,7 @@ class DeliveryWorkers:
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
             await asyncio.sleep(1.0)  # do not hammer a store that refuses writes
         finally:
+            self._finished.add(delivery_id)
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
             self._wake.set()

@@ -1,6 +1,6 @@
 """Reading the integrators' and operators' TOML files with errors that say where and why.
 
-    >>> raw = read_toml(path, ConfigError, "configuration file")
+>>> raw = read_toml(path, ConfigError, "configuration file")
 """
 
 from __future__ import annotations

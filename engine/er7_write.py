@@ -54,9 +54,6 @@ class Er7Draft:
                 out.append(self.seps.field.join(fields))
         return "\r".join(out) + "\r"
 
-    def to_message(self) -> Er7Message:
-        return Er7Message.parse(self.to_text())
-
     # -- paths ---------------------------------------------------------------------------
 
     def _targets(self, path: str, create: bool) -> list[tuple[list[str], int, int | None, int, int]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -372,7 +371,3 @@ def parse_for_routing(raw: bytes, metadata: dict[str, Any]) -> Er7Message | None
         return Er7Message.parse(raw.decode(metadata.get("decoded_as") or "utf-8", errors="replace"))
     except Er7Error:
         return None
-
-
-def channel_names(channels: Iterable[Channel]) -> list[str]:
-    return [c.name for c in channels]

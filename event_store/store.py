@@ -261,12 +261,6 @@ class EventStore:
             raise ValueError(f"payload {sha256} does not match its hash")
         return data
 
-    def payload_exists(self, sha256: str, inline: bool) -> bool:
-        if inline:
-            rows = self.recorder.query("SELECT 1 AS x FROM relais_payloads WHERE sha256 = ?", [sha256])
-            return bool(rows)
-        return self.blobs.exists(sha256)
-
     def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return self.recorder.query(sql, params)
 

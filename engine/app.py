@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import ssl
@@ -94,11 +95,14 @@ class RelaisApp:
         # every commit, and so to every ACK.
         sys.setswitchinterval(0.0005)
         self.store = await asyncio.to_thread(
-            EventStore.open,
-            cfg.store_url,
-            cfg.resolve(cfg.store.blob_dir),
-            cfg.store.inline_payload_limit,
-            cfg.store.lock_timeout,
+            functools.partial(
+                EventStore.open,
+                cfg.store_url,
+                cfg.resolve(cfg.store.blob_dir),
+                cfg.store.inline_payload_limit,
+                cfg.store.lock_timeout,
+                writer=True,
+            )
         )
         removed = await asyncio.to_thread(self.store.blobs.remove_incomplete_writes)
         if removed:

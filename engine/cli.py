@@ -36,9 +36,15 @@ def _open_store(config: RelaisConfig) -> EventStore:
 
 def _cmd_run(config: RelaisConfig, _: argparse.Namespace) -> int:
     from engine.app import RelaisApp
+    from engine.routes import RouteError
+    from event_store.writer_lock import StoreBusy
 
     configure_logging(config.log.level, config.log.format)
-    asyncio.run(RelaisApp(config).run_until_signalled())
+    try:
+        asyncio.run(RelaisApp(config).run_until_signalled())
+    except (StoreBusy, RouteError) as e:
+        print(f"relais: not started: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,6 +25,7 @@ from eventsourcing.persistence import StoredEvent
 from event_store.blobs import BlobStore, sha256_hex
 from event_store.events import EVENT_TYPES, Event, PayloadRef, topic_of
 from event_store.recorders import Recorder, SideRows, open_recorder
+from event_store.writer_lock import WriterLock
 
 __all__ = [
     "DEFAULT_INLINE_LIMIT",
@@ -130,6 +131,7 @@ class EventStore:
         self._log_head = GENESIS
         # Heads of recently written streams (one writer per store, so they stay true).
         self._heads: dict[UUID, tuple[int, str]] = {}
+        self._writer_lock: WriterLock | None = None
         self._closed = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -139,9 +141,25 @@ class EventStore:
 
     @classmethod
     def open(
-        cls, url: str, blob_dir: Path, inline_limit: int = DEFAULT_INLINE_LIMIT, lock_timeout: float = 10.0
+        cls,
+        url: str,
+        blob_dir: Path,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
+        lock_timeout: float = 10.0,
+        *,
+        writer: bool = False,
     ) -> EventStore:
-        return cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit)
+        """Open a store; `writer=True` for the one process that appends (raises StoreBusy
+        when another holds it), readers (the CLI) open it freely."""
+        lock = WriterLock.acquire(url) if writer else None
+        try:
+            store = cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        store._writer_lock = lock
+        return store
 
     def _checkpoint_loop(self, every: float = 1.0) -> None:
         while not self._closed.wait(every):
@@ -159,6 +177,9 @@ class EventStore:
             log.warning("checkpoint_failed", error=type(e).__name__)
         self._blob_writers.shutdown(wait=True)
         self.recorder.datastore.close()
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+            self._writer_lock = None
 
     @property
     def dialect(self) -> str:

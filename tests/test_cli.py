@@ -151,3 +151,26 @@ def test_postgresql_store_url_works_end_to_end(pg_url: str, tmp_path: Path) -> N
     detail = json.loads(cli(config_path, "messages", "show", rows[0]["id"], "--json").stdout)
     assert [e["type"] for e in detail["events"]] == ["MessageReceived", "DuplicateReceived"]
     assert cli(config_path, "verify").returncode == 0
+
+
+def test_a_second_engine_on_the_same_store_is_refused(engine) -> None:
+    config_path, running = engine
+    result = subprocess.run([RELAIS, "--config", str(config_path), "run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "not started" in result.stderr and "already writing" in result.stderr
+    with MLLPClient("127.0.0.1", running.port) as client:  # the first one is unharmed
+        assert b"MSA|AA" in client.send_message(adt())
+    assert cli(config_path, "messages", "list", "--json").returncode == 0  # readers are welcome
+
+
+def test_a_second_engine_on_the_same_postgresql_store_is_refused(pg_url: str, tmp_path: Path) -> None:
+    from event_store.writer_lock import StoreBusy
+
+    first = start_relais(load_config(write_config(tmp_path, 0, store_url=pg_url)))
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(StoreBusy):
+            start_relais(load_config(write_config(other, 0, store_url=pg_url)))
+    finally:
+        first.stop()

@@ -21,7 +21,8 @@ import structlog
 from connectors.destination import Delivery, Destination, PermanentFailure, TemporaryFailure
 from engine.ingest import Appendix, Ingestor
 from engine.routes import DestinationSpec
-from event_store import EventStore
+from engine.tasks import cancel_and_wait
+from event_store import Event, EventStore
 from event_store.events import DeadLettered, Delivered, DeliveryAttempted, DeliveryFailed, Redelivered
 
 __all__ = ["DUE_DELIVERIES", "DeliveryWorkers", "Target", "backoff_delay"]
@@ -95,12 +96,8 @@ class DeliveryWorkers:
         self._task = asyncio.create_task(self._run(), name="relais-delivery")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._attempts:
             await asyncio.wait(self._attempts, timeout=10)
         for target in self.targets.values():
@@ -174,15 +171,8 @@ class DeliveryWorkers:
                     await self._failed(attempted, message_id, delivery_id, attempt, type(e).__name__, spec)
                 else:
                     done = _iso(datetime.now(UTC))
-                    await self.ingestor.append(
-                        Appendix(
-                            events=[
-                                (message_id, attempted),
-                                (message_id, Delivered(done, delivery_id, attempt, outcome.detail[:200])),
-                            ],
-                            statements=[(OUTBOX_UPDATE, [("delivered", attempt, done, "", 0, done, delivery_id)])],
-                        )
-                    )
+                    delivered = Delivered(done, delivery_id, attempt, outcome.detail[:200])
+                    await self._record(message_id, attempted, delivered, "delivered", done, "", False)
                     log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt)
         except Exception as e:  # the store refused the record: the outbox row stays pending
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
@@ -192,6 +182,23 @@ class DeliveryWorkers:
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
             self._wake.set()
+
+    async def _record(
+        self,
+        message_id: uuid.UUID,
+        attempted: DeliveryAttempted,
+        outcome: Event,
+        state: str,
+        next_attempt_at: str,
+        error: str,
+        blocks: bool,
+    ) -> None:
+        """The attempt, its outcome and the outbox row, in one commit."""
+        now = _iso(datetime.now(UTC))
+        row = (state, attempted.attempt, next_attempt_at, error, int(blocks), now, attempted.delivery_id)
+        await self.ingestor.append(
+            Appendix(events=[(message_id, attempted), (message_id, outcome)], statements=[(OUTBOX_UPDATE, [row])])
+        )
 
     async def _failed(
         self,
@@ -208,15 +215,8 @@ class DeliveryWorkers:
             return
         now = datetime.now(UTC)
         retry_at = _iso(now + timedelta(seconds=backoff_delay(attempt, spec)))
-        await self.ingestor.append(
-            Appendix(
-                events=[
-                    (message_id, attempted),
-                    (message_id, DeliveryFailed(_iso(now), delivery_id, attempt, error[:300], retry_at)),
-                ],
-                statements=[(OUTBOX_UPDATE, [("pending", attempt, retry_at, error[:300], 0, _iso(now), delivery_id)])],
-            )
-        )
+        failed = DeliveryFailed(_iso(now), delivery_id, attempt, error[:300], retry_at)
+        await self._record(message_id, attempted, failed, "pending", retry_at, error[:300], False)
         log.warning("delivery_failed", delivery_id=delivery_id, attempt=attempt, retry_at=retry_at, error=error[:120])
 
     async def _dead(
@@ -230,15 +230,8 @@ class DeliveryWorkers:
     ) -> None:
         now = _iso(datetime.now(UTC))
         blocks = spec.on_failure == "block"
-        await self.ingestor.append(
-            Appendix(
-                events=[
-                    (message_id, attempted),
-                    (message_id, DeadLettered(now, delivery_id, attempt, error[:300], blocks)),
-                ],
-                statements=[(OUTBOX_UPDATE, [("dead", attempt, now, error[:300], int(blocks), now, delivery_id)])],
-            )
-        )
+        dead = DeadLettered(now, delivery_id, attempt, error[:300], blocks)
+        await self._record(message_id, attempted, dead, "dead", now, error[:300], blocks)
         log.error("dead_lettered", delivery_id=delivery_id, attempt=attempt, blocks=blocks, error=error[:120])
 
     async def _carry_out_requests(self) -> None:

@@ -19,6 +19,7 @@ import structlog
 
 from engine.ingest import Appendix, Ingestor, uuid7
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
+from engine.tasks import cancel_and_wait
 from event_store import EventStore
 from event_store.events import MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
@@ -136,13 +137,8 @@ class Router:
         self._task = asyncio.create_task(self._run(), name="relais-router")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def _load_position(self) -> int:
         rows = self.store.query("SELECT position FROM relais_tracking WHERE name = ?", [self.name])

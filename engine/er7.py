@@ -17,7 +17,6 @@ from dataclasses import dataclass
 __all__ = ["Er7Error", "Er7Message", "Separators", "unescape"]
 
 _LEADING_JUNK = "\ufeff\r\n \t\x00"  # BOM, blank lines, NULs some senders put before MSH
-_SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _PATH = re.compile(
     r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
     r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
@@ -126,7 +125,9 @@ class Er7Message:
         field_sep = text[3]
         if field_sep.isalnum() or field_sep.isspace():
             raise Er7Error("MSH-1 field separator is missing or invalid")
-        first = re.split(r"[\r\n]", text, maxsplit=1)[0]  # MSH-2 is read within the MSH segment
+        # MSH-2 is read within the MSH segment; most senders end segments with CR only.
+        lf = "\n" in text
+        first = re.split(r"[\r\n]", text, maxsplit=1)[0] if lf else text.split("\r", 1)[0]
         end = first.find(field_sep, 4)
         enc = first[4:end] if end > 0 else first[4:8]
         if (
@@ -143,10 +144,13 @@ class Er7Message:
             escape=enc[2] if len(enc) > 2 else "",
             subcomponent=enc[3] if len(enc) > 3 else "&",
         )
-        raw = re.split(r"\r\n?|\n", text)  # CR, LF or CRLF, even mixed
+        raw = re.split(r"\r\n?|\n", text) if lf else text.split("\r")  # CR, LF or CRLF, even mixed
         segments = [s for s in (r.rstrip() for r in raw) if s]
         for number, seg in enumerate(segments[1:], start=2):
-            if not _SEGMENT_ID.match(seg[:3]) or (len(seg) > 3 and seg[3] != field_sep):
+            head = seg[:3]
+            if not (
+                len(head) == 3 and head.isalnum() and head.isascii() and head[0].isupper() and head.upper() == head
+            ) or (len(seg) > 3 and seg[3] != field_sep):
                 raise Er7Error(f"segment {number} has no valid segment ID")
         return cls(segments, seps)
 
@@ -210,16 +214,32 @@ class Er7Message:
         simple value); `(n)` picks a repetition, `[n]` a segment occurrence (1-based).
         """
         seg_id, occurrence, field, rep, comp, sub = _parse_path(path)
-        if seg_id == "MSH" and field in (1, 2):
-            return self.raw_field(seg_id, field) or default
-        reps = self.repetitions(seg_id, field, occurrence)
-        if len(reps) < rep:
-            return default
-        comps = reps[rep - 1].split(self.separators.component)
+        return self.value(seg_id, field, comp, sub, rep, occurrence) or default
+
+    def value(self, seg_id: str, field: int, comp: int = 1, sub: int = 1, rep: int = 1, occurrence: int = 1) -> str:
+        """`get` without a path to read: the unescaped value at those positions ('' if absent)."""
+        idx = self._segment_index(seg_id, occurrence)
+        if idx is None:
+            return ""
+        fields = self._segment_fields(idx)
+        if field >= len(fields):
+            return ""
+        raw = fields[field]
+        if seg_id == "MSH" and field <= 2:
+            return raw
+        seps = self.separators
+        if rep > 1 or seps.repetition in raw:
+            reps = raw.split(seps.repetition)
+            if len(reps) < rep:
+                return ""
+            raw = reps[rep - 1]
+        comps = raw.split(seps.component, comp)
         if len(comps) < comp:
-            return default
-        subs = comps[comp - 1].split(self.separators.subcomponent)
-        if len(subs) < sub:
-            return default
-        value = unescape(subs[sub - 1], self.separators)
-        return value if value else default
+            return ""
+        raw = comps[comp - 1]
+        if sub > 1 or seps.subcomponent in raw:
+            subs = raw.split(seps.subcomponent)
+            if len(subs) < sub:
+                return ""
+            raw = subs[sub - 1]
+        return unescape(raw, seps)

@@ -97,26 +97,26 @@ def _identifiers(msg: Er7Message, segment: str, field: int) -> list[dict[str, st
 
 def read_metadata(msg: Er7Message) -> dict[str, Any]:
     """The fields the engine keeps about an HL7 message (no names: identifiers only)."""
-    g = msg.get
+    v = msg.value
     meta: dict[str, Any] = {
-        "message_type": g("MSH-9.1"),
-        "trigger_event": g("MSH-9.2"),
-        "structure": g("MSH-9.3"),
-        "control_id": g("MSH-10"),
-        "processing_id": g("MSH-11"),
-        "version": g("MSH-12"),
-        "sending_application": g("MSH-3"),
-        "sending_facility": g("MSH-4"),
-        "receiving_application": g("MSH-5"),
-        "receiving_facility": g("MSH-6"),
-        "message_datetime": g("MSH-7"),
-        "accept_ack_type": g("MSH-15"),
-        "application_ack_type": g("MSH-16"),
-        "charset": g("MSH-18"),
+        "message_type": v("MSH", 9, 1),
+        "trigger_event": v("MSH", 9, 2),
+        "structure": v("MSH", 9, 3),
+        "control_id": v("MSH", 10),
+        "processing_id": v("MSH", 11),
+        "version": v("MSH", 12),
+        "sending_application": v("MSH", 3),
+        "sending_facility": v("MSH", 4),
+        "receiving_application": v("MSH", 5),
+        "receiving_facility": v("MSH", 6),
+        "message_datetime": v("MSH", 7),
+        "accept_ack_type": v("MSH", 15),
+        "application_ack_type": v("MSH", 16),
+        "charset": v("MSH", 18),
         "segments": msg.segment_ids(),
     }
     if msg.has_segment("EVN"):
-        meta["event_time"] = g("EVN-6") or g("EVN-2")
+        meta["event_time"] = v("EVN", 6) or v("EVN", 2)
     if msg.has_segment("PID"):
         meta["patient_identifiers"] = _identifiers(msg, "PID", 3)
         # PID-32 repeats: one status (VALI, PROV...) and attributes (HOMA, FICT, DOUT) in any order.
@@ -126,11 +126,11 @@ def read_metadata(msg: Er7Message) -> dict[str, Any]:
     if msg.has_segment("MRG"):
         meta["merged_identifiers"] = _identifiers(msg, "MRG", 1)
     if msg.has_segment("PV1"):
-        meta["visit_number"] = g("PV1-19")
-        meta["patient_class"] = g("PV1-2")
+        meta["visit_number"] = v("PV1", 19)
+        meta["patient_class"] = v("PV1", 2)
     if msg.has_segment("ZBE"):
-        meta["movement_id"] = g("ZBE-1")
-        meta["movement_action"] = g("ZBE-4")
+        meta["movement_id"] = v("ZBE", 1)
+        meta["movement_action"] = v("ZBE", 4)
     return meta
 
 

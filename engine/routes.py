@@ -55,6 +55,9 @@ class FilterNode(_Strict):
     listener: StrList | None = None
     identifier_authority: StrList | None = Field(None, description="PID-3 authority OID or name")
     field: str | None = Field(None, description="terse path: PID-3.4.2, ZBE-4, OBX[2]-5, PID-3(*).5")
+    metadata: str | None = Field(
+        None, description="a key of the metadata read at the edge (any kind of submission): modality..."
+    )
     equals: str | None = None
     not_equals: str | None = None
     one_of: list[str] | None = Field(None, alias="in")
@@ -70,7 +73,16 @@ class FilterNode(_Strict):
     def _one_kind(self) -> FilterNode:
         kinds = [
             k
-            for k in ("message_type", "sender", "listener", "identifier_authority", "field", "all", "any")
+            for k in (
+                "message_type",
+                "sender",
+                "listener",
+                "identifier_authority",
+                "field",
+                "metadata",
+                "all",
+                "any",
+            )
             if getattr(self, k) is not None
         ]
         if self.not_ is not None:
@@ -78,13 +90,14 @@ class FilterNode(_Strict):
         if len(kinds) != 1:
             raise ValueError(
                 "a filter needs exactly one of message_type, sender, listener, identifier_authority, "
-                f"field, all, any, not (got {kinds or 'none'})"
+                f"field, metadata, all, any, not (got {kinds or 'none'})"
             )
         tests = [t for t in ("equals", "not_equals", "one_of", "matches", "exists") if getattr(self, t) is not None]
-        if kinds == ["field"] and len(tests) != 1:
-            raise ValueError("a field filter needs exactly one of equals, not_equals, in, matches, exists")
-        if kinds != ["field"] and tests:
-            raise ValueError("equals/not_equals/in/matches/exists go with 'field'")
+        valued = kinds in (["field"], ["metadata"])
+        if valued and len(tests) != 1:
+            raise ValueError(f"a {kinds[0]} filter needs exactly one of equals, not_equals, in, matches, exists")
+        if not valued and tests:
+            raise ValueError("equals/not_equals/in/matches/exists go with 'field' or 'metadata'")
         if self.matches is not None:
             re.compile(self.matches)
         return self
@@ -286,9 +299,15 @@ def _evaluate(node: FilterNode, item: RouteInput, where: str) -> tuple[bool, str
         ids = meta.get("patient_identifiers", [])
         found = any(i.get("authority_oid") in wanted or i.get("authority") in wanted for i in ids)
         return _verdict(found, where, "no patient identifier from that authority")
-    assert node.field is not None
-    values = _field_values(item.message, node.field)
-    label = f"{where} ({node.field})"
+    if node.metadata is not None:
+        raw = meta.get(node.metadata)
+        items = raw if isinstance(raw, list) else [raw]
+        values = [str(x) for x in items if x not in (None, "")]
+        label = f"{where} (metadata {node.metadata})"
+    else:
+        assert node.field is not None
+        values = _field_values(item.message, node.field)
+        label = f"{where} ({node.field})"
     if node.exists is not None:
         return _verdict(bool(values) == node.exists, label, "present" if values else "absent")
     if node.equals is not None:

@@ -137,3 +137,20 @@ def test_sighup_reload_keeps_connections_and_refuses_a_bad_file(tmp_path: Path) 
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     events = [entry["event"] for entry in logs]
     assert "routes_reloaded" in events and "routes_reload_refused" in events
+
+
+def test_metadata_filter_reads_what_the_edge_extracted(tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    (routes / "samples").mkdir(parents=True)
+    (routes / "samples" / "ins.er7").write_text(adt("A01", reliability="VALI"))
+    (routes / "samples" / "prov.er7").write_text(adt("A01", reliability="PROV"))
+    (routes / "m.toml").write_text(
+        '[filter]\nall = [{ metadata = "identity_reliability", equals = "VALI" },'
+        ' { metadata = "visit_number", exists = true }]\n'
+        '[[destination]]\nname = "d"\ntype = "file"\n[destination.settings]\nfolder = "out"\n'
+        '[[test]]\ninput = "samples/ins.er7"\nexpect_destinations = ["d"]\n'
+        '[[test]]\ninput = "samples/prov.er7"\nexpect_destinations = []\n'
+    )
+    out = relais_cli("--config", str(ROOT / "config.toml"), "routes", "test", "--routes", str(routes))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 passed, 0 failed" in out.stdout

@@ -328,3 +328,19 @@ def test_enhanced_mode_application_ack_follows_routing(relais, tmp_path: Path) -
         except TimeoutError:
             extra = b""
         assert extra == b""
+
+
+def test_a_partner_down_does_not_hold_other_destinations(relais, tmp_path: Path) -> None:
+    partner = relais()
+    port = partner.port
+    partner.stop()  # down for the whole test
+    routes = tmp_path / "routes"
+    channel_file(routes, port, attempts=100)
+    (routes / "archive.toml").write_text(
+        f'[[destination]]\nname = "archive"\ntype = "file"\n[destination.settings]\nfolder = "{tmp_path / "arch"}"\n'
+    )
+    hub = relais(routing={"enabled": True, "routes_dir": str(routes)})
+    for i in range(3):
+        assert send(hub.port, adt("A01", control_id=f"SIDE-{i}")) == "AA"
+    wait_for(lambda: len(list((tmp_path / "arch").glob("*"))) == 3, what="the archive to get all three")
+    assert "DeliveryFailed" in topics(hub, "SIDE-0")  # the partner's retries go on meanwhile

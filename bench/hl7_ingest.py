@@ -236,6 +236,9 @@ def running(cmd: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[b
                     proc.wait()
 
 
+ACCEPTORS = 0  # set from --acceptors
+
+
 def relais_server(tmp: Path, port: int, window_ms: float) -> tuple[list[str], Path, str]:
     (tmp / "config.toml").write_text(
         f"""[store]
@@ -244,6 +247,10 @@ blob_dir = "data/blobs"
 
 [ingest]
 batch_window_ms = {window_ms}
+acceptors = {ACCEPTORS}
+
+[routing]
+enabled = false
 
 [log]
 level = "warning"
@@ -401,12 +408,15 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=0, help="load processes (default: 1 for 1 conn, else 2)")
     ap.add_argument("--server", choices=["relais", "floor", "both"], default="both")
     ap.add_argument("--batch-window-ms", type=float, default=0.0, help="Relais [ingest] (default 0.0)")
+    ap.add_argument("--acceptors", type=int, default=0, help="Relais [ingest] acceptor processes (default 0)")
     args = ap.parse_args()
+    global ACCEPTORS
+    ACCEPTORS = args.acceptors
     names = ["relais", "floor"] if args.server == "both" else [args.server]
     load = f"{args.messages} messages/run" if args.messages else f"{args.warmup}s warm-up + {args.duration}s"
     print(
         f"# {len(os.sched_getaffinity(0))} CPUs, ~1.5 KB ADT^A01, SQLite WAL + synchronous=FULL, "
-        f"Relais batch_window_ms={args.batch_window_ms}; {load}",
+        f"Relais batch_window_ms={args.batch_window_ms}, acceptors={args.acceptors}; {load}",
         flush=True,
     )
     rows = []

@@ -63,6 +63,7 @@ class MllpServer:
     max_connections: int = 64
     allowed_peers: list[str] = field(default_factory=list)
     ssl_context: ssl.SSLContext | None = None
+    reuse_port: bool = False  # several processes accept on one port (acceptor processes)
     _server: asyncio.Server | None = None
     _connections: set[asyncio.Task[None]] = field(default_factory=set)
     _busy: set[asyncio.Task[None]] = field(default_factory=set)  # handling a frame right now
@@ -78,7 +79,12 @@ class MllpServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._on_connection, self.host, self.port, ssl=self.ssl_context, limit=READ_SIZE
+            self._on_connection,
+            self.host,
+            self.port,
+            ssl=self.ssl_context,
+            limit=READ_SIZE,
+            reuse_port=self.reuse_port or None,
         )
         log.info("listener_started", listener=self.name, protocol="mllp", host=self.host,
                  port=self.bound_port, tls=self.ssl_context is not None)  # fmt: skip

@@ -12,15 +12,20 @@ import os
 import signal
 import ssl
 import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from connectors.mllp import MllpServer
+from engine.acceptors import AcceptorPool, IngestGateway
 from engine.config import RelaisConfig, TlsSettings
 from engine.delivery import DeliveryWorkers, Target
 from engine.hl7_intake import Hl7Intake
-from engine.ingest import Ingestor
+from engine.ingest import Ingestor, Submitter
 from engine.router import Router
 from engine.routes import Channel, RouteError, load_channels
 from event_store import EventStore
@@ -43,6 +48,30 @@ def server_ssl_context(tls: TlsSettings, config: RelaisConfig) -> ssl.SSLContext
     return ctx
 
 
+def listener_servers(
+    cfg: RelaisConfig,
+    ingestor: Submitter,
+    decisions: Callable[[uuid.UUID], Awaitable[Any]] | None,
+    reuse_port: bool = False,
+) -> list[MllpServer]:
+    """The MLLP listeners of the config, each with its HL7 intake (not started)."""
+    return [
+        MllpServer(
+            name=listener.name,
+            host=listener.host,
+            port=listener.port,
+            handler=Hl7Intake(listener, ingestor, decisions=decisions),
+            max_frame_bytes=listener.max_frame_bytes,
+            idle_timeout=listener.idle_timeout,
+            max_connections=listener.max_connections,
+            allowed_peers=listener.allowed_peers,
+            ssl_context=server_ssl_context(listener.tls, cfg) if listener.tls else None,
+            reuse_port=reuse_port,
+        )
+        for listener in cfg.listeners.mllp
+    ]
+
+
 class RelaisApp:
     def __init__(self, config: RelaisConfig) -> None:
         self.config = config
@@ -51,6 +80,9 @@ class RelaisApp:
         self.mllp: dict[str, MllpServer] = {}
         self.router: Router | None = None
         self.delivery: DeliveryWorkers | None = None
+        self.gateway: IngestGateway | None = None
+        self.acceptors: AcceptorPool | None = None
+        self.listening = config
 
     @property
     def routes_dir(self) -> Path:
@@ -122,23 +154,35 @@ class RelaisApp:
             )
             await self.router.start()
             await self.delivery.start()
-        for listener in cfg.listeners.mllp:
-            server = MllpServer(
-                name=listener.name,
-                host=listener.host,
-                port=listener.port,
-                handler=Hl7Intake(listener, self.ingestor, decisions=self.router.decision if self.router else None),
-                max_frame_bytes=listener.max_frame_bytes,
-                idle_timeout=listener.idle_timeout,
-                max_connections=listener.max_connections,
-                allowed_peers=listener.allowed_peers,
-                ssl_context=server_ssl_context(listener.tls, cfg) if listener.tls else None,
-            )
-            await server.start()
-            self.mllp[listener.name] = server
-        log.info("relais_started", store=self.store.dialect, listeners=list(self.mllp))
+        decisions = self.router.decision if self.router else None
+        if cfg.ingest.acceptors:
+            # Listeners live in acceptor processes; this one keeps the store and the writer.
+            # A short private folder: Unix socket paths are limited to ~100 bytes.
+            sock_dir = Path(tempfile.mkdtemp(prefix="relais-"))
+            self.gateway = IngestGateway(sock_dir / "ingest.sock", self.ingestor, decisions)
+            await self.gateway.start()
+            self.acceptors = AcceptorPool(cfg, self.gateway.path, cfg.ingest.acceptors, decisions is not None)
+            self.listening = await self.acceptors.start()
+        else:
+            for server in listener_servers(cfg, self.ingestor, decisions):
+                await server.start()
+                self.mllp[server.name] = server
+        log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
+                 listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
+
+    def port_of(self, name: str) -> int:
+        """The port a listener is bound to (useful when the config says 0)."""
+        if name in self.mllp:
+            return self.mllp[name].bound_port
+        return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
 
     async def stop(self) -> None:
+        if self.acceptors is not None:
+            await self.acceptors.stop()
+            self.acceptors = None
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()

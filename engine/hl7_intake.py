@@ -21,7 +21,7 @@ from connectors.mllp import FrameAnswer
 from engine.ack import build_ack
 from engine.config import MllpListener
 from engine.er7 import Er7Error, Er7Message
-from engine.ingest import Ingestor, IngestUnavailable, Receipt, Submission, Verdict
+from engine.ingest import IngestUnavailable, Receipt, Submission, Submitter, Verdict
 from event_store import Event
 from event_store.events import NotRouted
 
@@ -165,7 +165,7 @@ class Hl7Intake:
     def __init__(
         self,
         listener: MllpListener,
-        ingestor: Ingestor,
+        ingestor: Submitter,
         protocol: str = "mllp",
         decisions: Callable[[uuid.UUID], Awaitable[Event | None]] | None = None,
     ) -> None:

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -28,7 +28,7 @@ from event_store import (
     PayloadRef,
 )
 
-__all__ = ["Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Verdict"]
+__all__ = ["Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict"]
 
 log = structlog.get_logger("relais.ingest")
 
@@ -105,6 +105,12 @@ def _now() -> str:
 
 
 _Item = tuple[Submission | Appendix, asyncio.Future[Any]]
+
+
+class Submitter(Protocol):
+    """What an intake needs: the local Ingestor, or an acceptor's link to the writer."""
+
+    async def submit(self, submission: Submission) -> Receipt: ...
 
 
 class Ingestor:

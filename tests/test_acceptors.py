@@ -1,0 +1,71 @@
+"""Acceptor processes: listeners and HL7 intake in child processes, one writer; the same
+guarantees as in one process (ACK after commit, resends recognised, application ACKs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from hl7.client import MLLPClient
+
+from engine.er7 import Er7Message
+from tests.conftest import adt
+
+
+def ack_of(port: int, message: str) -> Er7Message:
+    with MLLPClient("127.0.0.1", port) as client:
+        return Er7Message.parse(client.send_message(message).strip(b"\x0b\x1c\r").decode())
+
+
+def test_acceptor_processes_ack_after_commit_and_recognise_resends(relais) -> None:
+    running = relais(ingest={"acceptors": 2})
+    port = running.app.port_of("mllp")
+    assert running.app.mllp == {}  # nothing listens in the writer process
+    messages = [adt(control_id=f"ACC-{i}") for i in range(12)]
+    for message in messages:  # new connections spread over both acceptors
+        assert ack_of(port, message).get("MSA-1") == "AA"
+    stored = running.store.query("SELECT control_id, message_id FROM relais_messages")
+    assert sorted(r["control_id"] for r in stored) == sorted(f"ACC-{i}" for i in range(12))
+    assert ack_of(port, messages[0]).get("MSA-2") == "ACC-0"  # a resend: original ACK
+    first = next(r for r in stored if r["control_id"] == "ACC-0")
+    topics = [e.topic for e in running.store.events_of(uuid.UUID(first["message_id"]))]
+    assert topics == ["relais.MessageReceived", "relais.DuplicateReceived"]
+    assert ack_of(port, "not hl7").get("MSA-1") == "AR"
+
+
+def test_a_killed_acceptor_is_replaced(relais) -> None:
+    running = relais(ingest={"acceptors": 1})
+    port = running.app.port_of("mllp")
+    assert running.app.acceptors is not None
+    [pid] = running.app.acceptors.pids
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if ack_of(port, adt()).get("MSA-1") == "AA":
+                break
+        except (ConnectionError, OSError):
+            pass
+        assert time.monotonic() < deadline, "no acceptor came back"
+        time.sleep(0.2)
+    assert running.app.acceptors.pids != [pid]
+
+
+def test_application_ack_comes_from_the_acceptor_after_routing(relais, tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    (routes / "drop.toml").write_text(
+        f'[[destination]]\nname = "drop"\ntype = "file"\n[destination.settings]\nfolder = "{tmp_path / "out"}"\n'
+    )
+    running = relais(ingest={"acceptors": 1}, routing={"enabled": True, "routes_dir": str(routes)})
+    with socket.create_connection(("127.0.0.1", running.app.port_of("mllp")), timeout=10) as sock:
+        sock.sendall(b"\x0b" + adt(control_id="ACC-APP", accept_ack="AL", app_ack="AL").encode() + b"\x1c\r")
+        buf = b""
+        while buf.count(b"\x1c") < 2:
+            buf += sock.recv(65536)
+    acks = [Er7Message.parse(f.strip(b"\x0b\r").decode()) for f in buf.split(b"\x1c") if f.strip(b"\x0b\r")]
+    assert [a.get("MSA-1") for a in acks] == ["CA", "AA"]

@@ -136,7 +136,8 @@ class MllpServer:
             self._connections.discard(task)
             writer.close()
             with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         later_tasks: set[asyncio.Task[None]] = set()

@@ -225,4 +225,5 @@ class MllpDestination:
             return
         writer.close()
         with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
-            await asyncio.wait_for(writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()

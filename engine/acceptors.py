@@ -50,7 +50,7 @@ def _pack_submission(sub: Submission) -> tuple[Any, ...]:
     v = sub.verdict
     return (
         sub.listener, sub.protocol, sub.peer, sub.payload, sub.content_type, sub.sender, sub.control_id,
-        sub.message_type, sub.trigger_event, sub.metadata, sub.identifiers,
+        sub.message_type, sub.trigger_event, sub.metadata,
         (v.status, v.ack_code, v.error_code, v.reason, v.location),
     )  # fmt: skip
 
@@ -58,8 +58,7 @@ def _pack_submission(sub: Submission) -> tuple[Any, ...]:
 def _unpack_submission(t: tuple[Any, ...]) -> Submission:
     return Submission(
         listener=t[0], protocol=t[1], peer=t[2], payload=t[3], content_type=t[4], sender=t[5],
-        control_id=t[6], message_type=t[7], trigger_event=t[8], metadata=t[9], identifiers=t[10],
-        verdict=Verdict(*t[11]),
+        control_id=t[6], message_type=t[7], trigger_event=t[8], metadata=t[9], verdict=Verdict(*t[10]),
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from engine.acceptors import AcceptorPool, IngestGateway
 from engine.config import RelaisConfig, TlsSettings
 from engine.delivery import DeliveryWorkers, Target
 from engine.hl7_intake import Hl7Intake
+from engine.indexer import SearchIndexer
 from engine.ingest import Ingestor, Submitter
 from engine.router import Router
 from engine.routes import Channel, RouteError, load_channels
@@ -80,6 +81,7 @@ class RelaisApp:
         self.mllp: dict[str, MllpServer] = {}
         self.router: Router | None = None
         self.delivery: DeliveryWorkers | None = None
+        self.indexer: SearchIndexer | None = None
         self.gateway: IngestGateway | None = None
         self.acceptors: AcceptorPool | None = None
         self.listening = config
@@ -146,6 +148,8 @@ class RelaisApp:
             max_pending=cfg.ingest.max_pending,
         )
         await self.ingestor.start()
+        self.indexer = SearchIndexer(self.store, self.ingestor)
+        await self.indexer.start()
         if cfg.routing.enabled:
             channels = await asyncio.to_thread(load_channels, self.routes_dir)  # RouteError: refuse to start
             self.router = Router(self.store, self.ingestor, channels)
@@ -186,6 +190,8 @@ class RelaisApp:
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()
+        if self.indexer is not None:
+            await self.indexer.stop()
         if self.router is not None:
             await self.router.stop()
         if self.delivery is not None:

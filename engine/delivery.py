@@ -135,7 +135,8 @@ class DeliveryWorkers:
             # retries that come due; never re-read the outbox more than every few ms.
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), 0.25)
+                async with asyncio.timeout(0.25):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             await asyncio.sleep(0.005 if started else 0.002)

@@ -207,10 +207,6 @@ class Hl7Intake:
             message_type=meta.get("message_type", ""),
             trigger_event=meta.get("trigger_event", ""),
             metadata=meta,
-            identifiers=tuple(
-                (i["id"], i["type"], i["authority_oid"] or i["authority"])
-                for i in (*meta.get("patient_identifiers", ()), *meta.get("merged_identifiers", ()))
-            ),
             verdict=verdict,
         )
         try:

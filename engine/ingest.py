@@ -65,7 +65,6 @@ class Submission:
     message_type: str = ""
     trigger_event: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
-    identifiers: tuple[tuple[str, str, str], ...] = ()
     verdict: Verdict = ACCEPTED
 
 
@@ -293,7 +292,6 @@ class Ingestor:
                 error_code=verdict.error_code,
                 reason=verdict.reason,
                 location=verdict.location,
-                identifiers=sub.identifiers,
             )
             batch.index.append(row)
             next_version[message_id] = 3 if verdict.status != "accepted" else 2

@@ -17,21 +17,17 @@ from typing import Any
 
 import structlog
 
+from engine.follower import LogFollower
 from engine.ingest import Appendix, Ingestor, uuid7
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
-from engine.tasks import cancel_and_wait
 from event_store import EventStore
 from event_store.events import MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
 
-__all__ = ["OUTBOX_INSERT", "TRACKING_UPSERT", "Plan", "Router", "plan_routes"]
+__all__ = ["OUTBOX_INSERT", "Plan", "Router", "plan_routes"]
 
 log = structlog.get_logger("relais.router")
 
-TRACKING_UPSERT = (
-    "INSERT INTO relais_tracking (name, position) VALUES (?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
-)
 OUTBOX_INSERT = "INSERT INTO relais_outbox VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
@@ -84,17 +80,13 @@ def plan_routes(
     return Plan(message_id, position, MessageRouted(now, matched, deliveries, position), payloads)
 
 
-class Router:
+class Router(LogFollower):
     name = "router"
+    min_interval = 0.01
 
     def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
-        self.store = store
-        self.ingestor = ingestor
+        super().__init__(store, ingestor)
         self.channels: tuple[Channel, ...] = tuple(channels)
-        self._task: asyncio.Task[None] | None = None
-        self._signal = ingestor.commit_signal()
-        self.position = 0
-        self.batch_size = 500
         # Who waits for a routing decision (HL7 application ACKs), and the latest decisions.
         self._waiting: dict[uuid.UUID, list[asyncio.Future[MessageRouted | NotRouted]]] = {}
         self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted] = OrderedDict()
@@ -107,7 +99,8 @@ class Router:
         fut: asyncio.Future[MessageRouted | NotRouted] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(message_id, []).append(fut)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             return None
         finally:
@@ -117,7 +110,8 @@ class Router:
             if not waiters:
                 self._waiting.pop(message_id, None)
 
-    def _decided(self, appendix: Appendix) -> None:
+    def committed(self, appendix: Appendix) -> None:
+        """Wake the application ACKs waiting for these decisions."""
         for message_id, event in appendix.events:
             if not isinstance(event, MessageRouted | NotRouted):
                 continue
@@ -132,52 +126,14 @@ class Router:
         """Swap the channels; messages from now on use the new ones."""
         self.channels = tuple(channels)
 
-    async def start(self) -> None:
-        self.position = await asyncio.to_thread(self._load_position)
-        self._task = asyncio.create_task(self._run(), name="relais-router")
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-
-    def _load_position(self) -> int:
-        rows = self.store.query("SELECT position FROM relais_tracking WHERE name = ?", [self.name])
-        return int(rows[0]["position"]) if rows else 0
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                appendix, position, count = await asyncio.to_thread(self._plan_next, self.position)
-            except Exception as e:
-                log.error("routing_failed", error=type(e).__name__, detail=str(e)[:200])
-                await asyncio.sleep(1.0)
-                continue
-            if position == self.position:
-                self._signal.clear()
-                try:
-                    await asyncio.wait_for(self._signal.wait(), 1.0)
-                except TimeoutError:
-                    pass
-                continue
-            try:
-                await self.ingestor.append(appendix)
-            except Exception as e:  # the store is unavailable: try the same messages again
-                log.error("routing_not_recorded", error=type(e).__name__)
-                await asyncio.sleep(1.0)
-                continue
-            self.position = position
-            self._decided(appendix)
-            if count:
-                log.debug("routed", messages=count, position=position)
-
-    def _plan_next(self, after: int) -> tuple[Appendix, int, int]:
-        """Plan the next chunk of the log; returns (what to append, new position, messages)."""
+    def plan(self, after: int) -> tuple[Appendix, int]:
+        """Route the next chunk of the log; returns (what to append, new position)."""
         store = self.store
         notes = store.recorder.select_notifications(
             start=after + 1, limit=self.batch_size, topics=["relais.MessageReceived"]
         )
         if not notes:
-            return Appendix(), after, 0
+            return Appendix(), after
         ids = [str(n.originator_id) for n in notes]
         statuses = {
             r["message_id"]: r["status"]
@@ -189,7 +145,6 @@ class Router:
         appendix = Appendix()
         outbox_rows: list[tuple[Any, ...]] = []
         channels = self.channels
-        count = 0
         now = _now()
         for note in notes:
             message_id = uuid.UUID(str(note.originator_id))
@@ -210,9 +165,8 @@ class Router:
                             0, 0, now, "", now, now,
                         )
                     )  # fmt: skip
-            count += 1
         if outbox_rows:
             appendix.statements.append((OUTBOX_INSERT, outbox_rows))
         position = notes[-1].id
-        appendix.statements.append((TRACKING_UPSERT, [(self.name, position)]))
-        return appendix, position, count
+        self.track(appendix, position)
+        return appendix, position

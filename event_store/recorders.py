@@ -67,7 +67,6 @@ INSERT_PAYLOAD = (
     "INSERT INTO relais_payloads (sha256, content_type, size, data) VALUES (?,?,?,?) ON CONFLICT DO NOTHING"
 )
 INSERT_MESSAGE = "INSERT INTO relais_messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-INSERT_IDENTIFIER = "INSERT INTO relais_identifiers VALUES (?,?,?,?)"
 
 
 @dataclass
@@ -76,7 +75,6 @@ class SideRows:
 
     payloads: list[tuple[str, str, int, bytes]] = field(default_factory=list)
     messages: list[tuple[Any, ...]] = field(default_factory=list)
-    identifiers: list[tuple[str, str, str, str]] = field(default_factory=list)
     statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)  # '?' style
 
 
@@ -113,8 +111,6 @@ class RelaisSQLiteRecorder(SQLiteApplicationRecorder):
                 c.executemany(INSERT_PAYLOAD, side.payloads)
             if side.messages:
                 c.executemany(INSERT_MESSAGE, side.messages)
-            if side.identifiers:
-                c.executemany(INSERT_IDENTIFIER, side.identifiers)
             for sql, rows in side.statements:
                 c.executemany(sql, rows)
         return super()._insert_events(c, stored_events, **kwargs)
@@ -151,8 +147,6 @@ class RelaisPostgresRecorder(PostgresApplicationRecorder):
             curs.executemany(INSERT_PAYLOAD.replace("?", "%s"), side.payloads)
         if side.messages:
             curs.executemany(INSERT_MESSAGE.replace("?", "%s"), side.messages)
-        if side.identifiers:
-            curs.executemany(INSERT_IDENTIFIER.replace("?", "%s"), side.identifiers)
         for sql, rows in side.statements:
             curs.executemany(sql.replace("?", "%s"), rows)
 

@@ -63,7 +63,6 @@ class MessageIndexRow:
     error_code: str = ""
     reason: str = ""
     location: str = ""
-    identifiers: tuple[tuple[str, str, str], ...] = ()  # (value, type, authority)
 
 
 @dataclass
@@ -234,7 +233,6 @@ class EventStore:
                     if ref.inline
                 ],
                 messages=[_index_tuple(row) for row in batch.index],
-                identifiers=[(row.message_id, *ident) for row in batch.index for ident in row.identifiers],
                 statements=batch.statements,
             )
             positions = self.recorder.insert_events(stored, side=side) or []

@@ -62,6 +62,11 @@ def test_list_and_show_while_the_engine_runs(engine) -> None:
     assert [json.loads(r)["control_id"] for r in by_type] == ["CLI-2"]
     by_sender = cli(config_path, "messages", "list", "--json", "--sender", "AUTRE").stdout.splitlines()
     assert [json.loads(r)["control_id"] for r in by_sender] == ["CLI-2"]
+    # The identifier search index follows the log just after the ACK (not in its transaction).
+    deadline = time.monotonic() + 10
+    while not running.store.query("SELECT 1 AS x FROM relais_identifiers WHERE value = '199017512345678'"):
+        assert time.monotonic() < deadline, "the search index did not catch up"
+        time.sleep(0.05)
     by_patient = cli(config_path, "messages", "list", "--json", "--patient", "199017512345678").stdout
     assert [json.loads(r)["control_id"] for r in by_patient.splitlines()] == ["CLI-1"]
     future = cli(config_path, "messages", "list", "--json", "--since", "2999-01-01").stdout

@@ -31,8 +31,7 @@ def one_message(store: EventStore, payload: bytes, control_id: str = "C1") -> uu
     batch.events.append((mid, 1, received(ref, control_id=control_id)))
     batch.index.append(
         MessageIndexRow(str(mid), "2026-11-23T10:00:00+00:00", "mllp", "mllp", "127.0.0.1:1", "A|B",
-                        control_id, "ADT", "A01", ref.sha256, ref.inline, "accepted", "AA",
-                        identifiers=(("260058815400233", "INS", "1.2.250.1.213.1.4.8"),))
+                        control_id, "ADT", "A01", ref.sha256, ref.inline, "accepted", "AA")
     )  # fmt: skip
     store.commit(batch)
     return mid

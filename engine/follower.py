@@ -1,0 +1,91 @@
+"""Followers of the log (router, search index): read after a tracked position, commit what
+they derive together with their new position through the one writer: exactly once.
+
+    class Indexer(LogFollower):
+        name = "message-search"
+        def plan(self, after: int) -> tuple[Appendix, int]: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from engine.ingest import Appendix, Ingestor
+from engine.tasks import cancel_and_wait
+from event_store import EventStore
+
+__all__ = ["TRACKING_UPSERT", "LogFollower"]
+
+log = structlog.get_logger("relais.follower")
+
+TRACKING_UPSERT = (
+    "INSERT INTO relais_tracking (name, position) VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+)
+
+
+class LogFollower:
+    name = "follower"
+    # At most one commit of this follower per interval: followers must not double the
+    # writer's commits under load (each of theirs covers up to `batch_size` messages).
+    min_interval = 0.0
+
+    def __init__(self, store: EventStore, ingestor: Ingestor) -> None:
+        self.store = store
+        self.ingestor = ingestor
+        self.position = 0
+        self.batch_size = 500
+        self._signal = ingestor.commit_signal()
+        self._task: asyncio.Task[None] | None = None
+
+    def plan(self, after: int) -> tuple[Appendix, int]:
+        """On a worker thread: what to append for the log after `after`, and the new position.
+        The appendix must include the tracking upsert (see `track`)."""
+        raise NotImplementedError
+
+    def committed(self, appendix: Appendix) -> None:
+        """On the loop, after the appendix is durable (e.g. wake who waits for it)."""
+
+    def track(self, appendix: Appendix, position: int) -> None:
+        appendix.statements.append((TRACKING_UPSERT, [(self.name, position)]))
+
+    async def start(self) -> None:
+        self.position = await asyncio.to_thread(self._load_position)
+        self._task = asyncio.create_task(self._run(), name=f"relais-{self.name}")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    def _load_position(self) -> int:
+        rows = self.store.query("SELECT position FROM relais_tracking WHERE name = ?", [self.name])
+        return int(rows[0]["position"]) if rows else 0
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                appendix, position = await asyncio.to_thread(self.plan, self.position)
+            except Exception as e:
+                log.error("follower_failed", follower=self.name, error=type(e).__name__, detail=str(e)[:200])
+                await asyncio.sleep(1.0)
+                continue
+            if position == self.position:
+                self._signal.clear()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._signal.wait()
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                await self.ingestor.append(appendix)
+            except Exception as e:  # the store is unavailable: the same part of the log again later
+                log.error("follower_not_recorded", follower=self.name, error=type(e).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            self.position = position
+            self.committed(appendix)
+            if self.min_interval:
+                await asyncio.sleep(self.min_interval)

@@ -344,3 +344,19 @@ def test_a_partner_down_does_not_hold_other_destinations(relais, tmp_path: Path)
         assert send(hub.port, adt("A01", control_id=f"SIDE-{i}")) == "AA"
     wait_for(lambda: len(list((tmp_path / "arch").glob("*"))) == 3, what="the archive to get all three")
     assert "DeliveryFailed" in topics(hub, "SIDE-0")  # the partner's retries go on meanwhile
+
+
+def test_routing_and_delivery_on_a_postgresql_store(relais, tmp_path: Path, pg_url: str) -> None:
+    partner = relais()
+    routes = tmp_path / "routes"
+    channel_file(routes, partner.port)
+    hub = relais(store={"url": pg_url, "blob_dir": "blobs"}, routing={"enabled": True, "routes_dir": str(routes)})
+    for i in range(3):
+        assert send(hub.port, adt("A01", control_id=f"PGR-{i}")) == "AA"
+    assert send(hub.port, adt("A28", control_id="PGR-X")) == "AA"
+    wait_for(lambda: all("Delivered" in topics(hub, f"PGR-{i}") for i in range(3)), what="deliveries on PostgreSQL")
+    wait_for(lambda: "NotRouted" in topics(hub, "PGR-X"), what="NotRouted on PostgreSQL")
+    assert [m.get("MSH-10") for m in received_by(partner)] == [f"PGR-{i}" for i in range(3)]
+    assert received_by(partner)[0].get("MSH-4") == "750712184"
+    wait_for(lambda: hub.store.query("SELECT 1 AS x FROM relais_identifiers"), what="search index on PostgreSQL")
+    assert hub.store.verify_chain().ok

@@ -164,12 +164,12 @@ class DeliveryWorkers:
                 try:
                     outcome = await target.destination.deliver(delivery)
                 except PermanentFailure as e:
-                    await self._dead(attempted, message_id, delivery_id, attempt, f"permanent: {e}", spec)
+                    await self._dead(attempted, message_id, f"permanent: {e}", spec)
                 except (TemporaryFailure, OSError, TimeoutError) as e:
                     error = str(e) or type(e).__name__
-                    await self._failed(attempted, message_id, delivery_id, attempt, error, spec)
+                    await self._failed(attempted, message_id, error, spec)
                 except Exception as e:  # a connector bug must not lose the delivery
-                    await self._failed(attempted, message_id, delivery_id, attempt, type(e).__name__, spec)
+                    await self._failed(attempted, message_id, type(e).__name__, spec)
                 else:
                     done = _iso(datetime.now(UTC))
                     delivered = Delivered(done, delivery_id, attempt, outcome.detail[:200])
@@ -202,17 +202,11 @@ class DeliveryWorkers:
         )
 
     async def _failed(
-        self,
-        attempted: DeliveryAttempted,
-        message_id: uuid.UUID,
-        delivery_id: str,
-        attempt: int,
-        error: str,
-        spec: DestinationSpec,
+        self, attempted: DeliveryAttempted, message_id: uuid.UUID, error: str, spec: DestinationSpec
     ) -> None:
+        delivery_id, attempt = attempted.delivery_id, attempted.attempt
         if attempt >= spec.max_attempts:
-            why = f"gave up after {attempt} attempts: {error}"
-            await self._dead(attempted, message_id, delivery_id, attempt, why, spec)
+            await self._dead(attempted, message_id, f"gave up after {attempt} attempts: {error}", spec)
             return
         now = datetime.now(UTC)
         retry_at = _iso(now + timedelta(seconds=backoff_delay(attempt, spec)))
@@ -221,14 +215,9 @@ class DeliveryWorkers:
         log.warning("delivery_failed", delivery_id=delivery_id, attempt=attempt, retry_at=retry_at, error=error[:120])
 
     async def _dead(
-        self,
-        attempted: DeliveryAttempted,
-        message_id: uuid.UUID,
-        delivery_id: str,
-        attempt: int,
-        error: str,
-        spec: DestinationSpec,
+        self, attempted: DeliveryAttempted, message_id: uuid.UUID, error: str, spec: DestinationSpec
     ) -> None:
+        delivery_id, attempt = attempted.delivery_id, attempted.attempt
         now = _iso(datetime.now(UTC))
         blocks = spec.on_failure == "block"
         dead = DeadLettered(now, delivery_id, attempt, error[:300], blocks)

@@ -237,8 +237,7 @@ class Hl7Intake:
             mode.enhanced
             and app_ack in ("AL", "ER", "SU")
             and receipt.verdict.status == "accepted"
-            and not receipt.duplicate
-        ):
+        ):  # a resend gets the application ACK again too (it may be the one that was lost)
             return FrameAnswer(commit_ack, self._application_ack(msg, receipt, app_ack, codec))
         return commit_ack
 

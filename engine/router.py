@@ -98,6 +98,10 @@ class Router(LogFollower):
             return known
         fut: asyncio.Future[MessageRouted | NotRouted] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(message_id, []).append(fut)
+        # An older message (a resend after a lost application ACK): its decision is in the log.
+        recorded = await asyncio.to_thread(self._recorded_decision, message_id)
+        if recorded is not None and not fut.done():
+            fut.set_result(recorded)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
@@ -109,6 +113,14 @@ class Router(LogFollower):
                 waiters.remove(fut)
             if not waiters:
                 self._waiting.pop(message_id, None)
+
+    def _recorded_decision(self, message_id: uuid.UUID) -> MessageRouted | NotRouted | None:
+        for record in reversed(self.store.events_of(message_id)):
+            if record.topic == "relais.MessageRouted":
+                return MessageRouted(**{**record.event, "deliveries": []})
+            if record.topic == "relais.NotRouted":
+                return NotRouted(**record.event)
+        return None
 
     def committed(self, appendix: Appendix) -> None:
         """Wake the application ACKs waiting for these decisions."""

@@ -311,6 +311,12 @@ def test_enhanced_mode_application_ack_follows_routing(relais, tmp_path: Path) -
         assert (commit.get("MSA-1"), commit.get("MSA-2")) == ("CA", "APP-1")
         assert (application.get("MSA-1"), application.get("MSA-2")) == ("AA", "APP-1")
         assert application.get("MSH-10") != commit.get("MSH-10")
+        # The sender lost the application ACK and resends: both ACKs again, routed once.
+        sock.sendall(b"\x0b" + routed.encode() + b"\x1c\r")
+        again = read_frames(sock, 2)
+        assert [a.get("MSA-1") for a in again] == ["CA", "AA"]
+        assert again[1].segments == application.segments
+        assert topics(hub, "APP-1").count("MessageRouted") == 1
         # Not routed (A28 is outside the channel's filter): AE with the reason.
         sock.sendall(b"\x0b" + adt("A28", control_id="APP-2", accept_ack="AL", app_ack="AL").encode() + b"\x1c\r")
         commit, application = read_frames(sock, 2)
@@ -360,3 +366,27 @@ def test_routing_and_delivery_on_a_postgresql_store(relais, tmp_path: Path, pg_u
     assert received_by(partner)[0].get("MSH-4") == "750712184"
     wait_for(lambda: hub.store.query("SELECT 1 AS x FROM relais_identifiers"), what="search index on PostgreSQL")
     assert hub.store.verify_chain().ok
+
+
+def test_application_ack_of_a_resend_after_restart_comes_from_the_log(relais, tmp_path: Path) -> None:
+    import socket
+
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    message = adt("A01", control_id="APP-R", accept_ack="AL", app_ack="AL")
+    with socket.create_connection(("127.0.0.1", hub.port)) as sock:
+        sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+        first = read_frames(sock, 2)
+    hub.stop()
+    again = relais(
+        store={
+            "url": f"sqlite:///{tmp_path / 'relais1' / 'relais.db'}",
+            "blob_dir": str(tmp_path / "relais1" / "blobs"),
+        },
+        routing={"enabled": True, "routes_dir": str(tmp_path / "routes")},
+    )
+    with socket.create_connection(("127.0.0.1", again.port)) as sock:
+        sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+        second = read_frames(sock, 2)
+    assert [a.get("MSA-1") for a in second] == ["CA", "AA"]
+    assert [a.segments for a in second] == [a.segments for a in first]

@@ -183,6 +183,37 @@ def _cmd_check(config: RelaisConfig, _: argparse.Namespace) -> int:
     return 1 if report.missing else 0
 
 
+def _cmd_status(config: RelaisConfig, args: argparse.Namespace) -> int:
+    """What an operator checks first: volumes, follower lag, outbox per destination."""
+    store = _open_store(config)
+    try:
+        head = store.recorder.max_notification_id() or 0
+        messages = store.query(
+            "SELECT status, COUNT(*) AS n, MAX(received_at) AS last FROM relais_messages GROUP BY status"
+        )
+        followers = store.query("SELECT name, position FROM relais_tracking ORDER BY name")
+        outbox = store.query(
+            "SELECT channel, destination, state, COUNT(*) AS n FROM relais_outbox "
+            "GROUP BY channel, destination, state ORDER BY channel, destination, state"
+        )
+    finally:
+        store.close()
+    by_status = {r["status"]: {"count": r["n"], "last_received_at": r["last"]} for r in messages}
+    lag = {r["name"]: {"position": r["position"], "behind": head - r["position"]} for r in followers}
+    status: dict[str, Any] = {"log_position": head, "messages": by_status, "followers": lag, "outbox": outbox}
+    if args.json:
+        sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    print(f"log position: {head}")
+    for name, info in by_status.items():
+        print(f"messages {name}: {info['count']} (last {info['last_received_at']})")
+    for name, info in lag.items():
+        print(f"follower {name}: at {info['position']}, {info['behind']} event(s) behind")
+    for row in outbox:
+        print(f"outbox {row['channel']}/{row['destination']} {row['state']}: {row['n']}")
+    return 0
+
+
 def _routes_dir(config: RelaisConfig, args: argparse.Namespace) -> Path:
     return Path(args.routes) if getattr(args, "routes", None) else config.resolve(config.routing.routes_dir)
 
@@ -344,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_show)
     sub.add_parser("verify", help="check the hash chain of the whole log").set_defaults(func=_cmd_verify)
     sub.add_parser("check", help="check payloads: missing ones and orphan blobs").set_defaults(func=_cmd_check)
+    st = sub.add_parser("status", help="volumes, follower lag and outbox per destination")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
     routes = sub.add_parser("routes", help="channels in routes/").add_subparsers(dest="what", required=True)
     rc = routes.add_parser("check", help="validate every channel file without starting anything")
     rc.set_defaults(func=_cmd_routes_check)
@@ -371,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
     red.add_argument("--by", help="who asks (default: the OS user)")
     red.add_argument("--reason", default="", help="why, kept in the Redelivered event")
     red.set_defaults(func=_cmd_redeliver)
-    for sp in (run, ls, show, rc, rt, rtry, rr, dll, red, *(sub.choices[c] for c in ("verify", "check"))):
+    for sp in (run, ls, show, st, rc, rt, rtry, rr, dll, red, *(sub.choices[c] for c in ("verify", "check"))):
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return p
 

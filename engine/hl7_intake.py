@@ -234,9 +234,7 @@ class Hl7Intake:
         )
         app_ack = meta.get("application_ack_type", "").upper()
         if (
-            mode.enhanced
-            and app_ack in ("AL", "ER", "SU")
-            and receipt.verdict.status == "accepted"
+            mode.enhanced and app_ack in ("AL", "ER", "SU") and receipt.verdict.status == "accepted"
         ):  # a resend gets the application ACK again too (it may be the one that was lost)
             return FrameAnswer(commit_ack, self._application_ack(msg, receipt, app_ack, codec))
         return commit_ack

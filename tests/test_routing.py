@@ -88,6 +88,15 @@ def routed_relais(relais, tmp_path: Path, partner_port: int, **kw) -> RunningRel
     return relais(routing={"enabled": True, "routes_dir": str(routes)})
 
 
+def restarted_hub(relais, tmp_path: Path) -> RunningRelais:
+    """The hub (second instance of the test) started again on its store and routes."""
+    home = tmp_path / "relais1"
+    return relais(
+        store={"url": f"sqlite:///{home / 'relais.db'}", "blob_dir": str(home / "blobs")},
+        routing={"enabled": True, "routes_dir": str(tmp_path / "routes")},
+    )
+
+
 def test_message_is_routed_transformed_and_delivered_to_the_partner(relais, tmp_path: Path) -> None:
     partner = relais()
     hub = routed_relais(relais, tmp_path, partner.port)
@@ -177,13 +186,7 @@ def test_routing_resumes_after_restart_exactly_once(relais, tmp_path: Path) -> N
         assert send(hub.port, adt("A01", control_id=f"ONCE-{i}")) == "AA"
     wait_for(lambda: all("Delivered" in topics(hub, f"ONCE-{i}") for i in range(3)), what="delivered")
     hub.stop()
-    again = relais(
-        store={
-            "url": f"sqlite:///{tmp_path / 'relais1' / 'relais.db'}",
-            "blob_dir": str(tmp_path / "relais1" / "blobs"),
-        },
-        routing={"enabled": True, "routes_dir": str(tmp_path / "routes")},
-    )
+    again = restarted_hub(relais, tmp_path)
     assert send(again.port, adt("A01", control_id="ONCE-3")) == "AA"
     wait_for(lambda: "Delivered" in topics(again, "ONCE-3"), what="delivered after restart")
     for i in range(4):
@@ -378,13 +381,7 @@ def test_application_ack_of_a_resend_after_restart_comes_from_the_log(relais, tm
         sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
         first = read_frames(sock, 2)
     hub.stop()
-    again = relais(
-        store={
-            "url": f"sqlite:///{tmp_path / 'relais1' / 'relais.db'}",
-            "blob_dir": str(tmp_path / "relais1" / "blobs"),
-        },
-        routing={"enabled": True, "routes_dir": str(tmp_path / "routes")},
-    )
+    again = restarted_hub(relais, tmp_path)
     with socket.create_connection(("127.0.0.1", again.port)) as sock:
         sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
         second = read_frames(sock, 2)

@@ -66,6 +66,12 @@ class Submission:
     trigger_event: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     verdict: Verdict = ACCEPTED
+    # The protocol's own facts about the new message (InstanceReceived, MailReceived,
+    # DocumentSubmitted...), appended to its stream after MessageReceived, same commit.
+    events: list[Event] = field(default_factory=list)
+    # Set when the edge already put the bytes in the blob store (a spooled DICOM file, say):
+    # `payload` is then empty and nothing is written again.
+    stored_payload: PayloadRef | None = None
 
 
 @dataclass(slots=True)
@@ -233,7 +239,10 @@ class Ingestor:
                 receipts.append(None)
                 continue
             now = _now()
-            ref = batch.add_payload(sub.payload, sub.content_type, store.inline_limit)
+            if sub.stored_payload is not None:
+                ref = sub.stored_payload
+            else:
+                ref = batch.add_payload(sub.payload, sub.content_type, store.inline_limit)
             flags: list[str] = []
             if sub.control_id:
                 key = (sub.sender, sub.control_id)
@@ -275,6 +284,10 @@ class Ingestor:
                         MessageRejected(now, verdict.ack_code, verdict.error_code, verdict.reason, verdict.location),
                     )
                 )
+            version = 3 if verdict.status != "accepted" else 2
+            for extra in sub.events:
+                batch.events.append((message_id, version, extra))
+                version += 1
             row = MessageIndexRow(
                 message_id=str(message_id),
                 received_at=now,
@@ -294,7 +307,7 @@ class Ingestor:
                 location=verdict.location,
             )
             batch.index.append(row)
-            next_version[message_id] = 3 if verdict.status != "accepted" else 2
+            next_version[message_id] = version
             if sub.control_id:
                 seen[(sub.sender, sub.control_id)].append(
                     {

@@ -62,6 +62,39 @@ class BlobStore:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
 
+    @property
+    def spool(self) -> Path:
+        """Where an edge writes a large incoming payload before `adopt` (same file system,
+        so adopting is a rename, never a copy)."""
+        path = self.root / "spool"
+        _make_dirs_durably(path)
+        return path
+
+    def adopt(self, spooled: Path) -> tuple[str, int]:
+        """Make a spooled file a durable blob under its hash; returns (sha256, size).
+
+        The file is read once to hash it, fsynced, renamed into place (or dropped when the
+        same content is already stored) and its folder fsynced."""
+        digest = hashlib.sha256()
+        size = 0
+        fd = os.open(spooled, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        sha256 = digest.hexdigest()
+        final = self.path_of(sha256)
+        if final.exists():
+            spooled.unlink()
+            return sha256, size
+        _make_dirs_durably(final.parent)
+        os.replace(spooled, final)
+        _fsync_dir(final.parent)
+        return sha256, size
+
     def get(self, sha256: str) -> bytes:
         return self.path_of(sha256).read_bytes()
 

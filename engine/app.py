@@ -25,6 +25,7 @@ from engine.acceptors import AcceptorPool, IngestGateway
 from engine.config import RelaisConfig, TlsSettings
 from engine.delivery import DeliveryWorkers, Target
 from engine.hl7_intake import Hl7Intake
+from engine.identity_feed import IdentityDestination, ensure_identity_tables
 from engine.indexer import SearchIndexer
 from engine.ingest import Ingestor, Submitter
 from engine.router import Router
@@ -93,13 +94,18 @@ class RelaisApp:
     def _targets(self, channels: list[Channel]) -> dict[tuple[str, str], Target]:
         from connectors.registry import build_destination
 
-        return {
+        targets = {
             (channel.name, spec.name): Target(
                 spec, build_destination(spec.name, spec.type, spec.settings, channel.path.parent)
             )
             for channel in channels
             for spec in channel.destinations
         }
+        for target in targets.values():
+            if isinstance(target.destination, IdentityDestination):  # writes a read model: needs the engine
+                assert self.store is not None and self.ingestor is not None
+                target.destination.bind(self.store, self.ingestor)
+        return targets
 
     async def reload_routes(self) -> list[str]:
         """Load routes/ again; a bad file is refused and the running routes stay."""
@@ -138,6 +144,7 @@ class RelaisApp:
                 writer=True,
             )
         )
+        await asyncio.to_thread(ensure_identity_tables, self.store)
         removed = await asyncio.to_thread(self.store.blobs.remove_incomplete_writes)
         if removed:
             log.warning("incomplete_blob_writes_removed", count=removed)

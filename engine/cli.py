@@ -321,6 +321,88 @@ def _cmd_deadletters(config: RelaisConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _identity_query(store: EventStore, sql: str, params: list[Any]) -> list[dict[str, Any]] | None:
+    """Rows of the identity read model; None when the engine never created it."""
+    try:
+        return store.query(sql, params)
+    except Exception as e:
+        if "relais_identity" in str(e):
+            return None
+        raise
+
+
+def _cmd_identity_show(config: RelaisConfig, args: argparse.Namespace) -> int:
+    store = _open_store(config)
+    try:
+        found = _identity_query(
+            store, "SELECT rri FROM relais_identity_ids WHERE value = ? UNION SELECT rri FROM relais_identity_persons "
+            "WHERE rri = ?", [args.identifier, args.identifier],
+        )  # fmt: skip
+        if found is None:
+            print("no identity read model in this store (no identity channel has run)", file=sys.stderr)
+            return 1
+        out = []
+        for rri in sorted({r["rri"] for r in found}):
+            person = store.query("SELECT * FROM relais_identity_persons WHERE rri = ?", [rri])[0]
+            person["identifiers"] = store.query(
+                "SELECT value, id_type, authority, linked_at FROM relais_identity_ids WHERE rri = ? ORDER BY linked_at",
+                [rri],
+            )
+            person["merged"] = [
+                r["rri"] for r in store.query("SELECT rri FROM relais_identity_persons WHERE merged_into = ?", [rri])
+            ]
+            person["suspected_duplicates"] = store.query(
+                "SELECT rri_a, rri_b, reason, detected_at, state FROM relais_identity_duplicates "
+                "WHERE rri_a = ? OR rri_b = ?", [rri, rri],
+            )  # fmt: skip
+            out.append(person)
+    finally:
+        store.close()
+    if not out:
+        print(f"no identity with identifier {args.identifier!r}", file=sys.stderr)
+        return 1
+    for p in out:
+        if args.json:
+            sys.stdout.write(orjson.dumps(p).decode() + "\n")
+            continue
+        merged = f" -> merged into {p['merged_into']}" if p["status"] == "merged" else ""
+        print(f"{p['rri']}  {p['status']}{merged}")
+        print(f"  {p['family']} {p['given']}  born {p['birth_date']}  sex {p['sex']}  reliability {p['reliability']}")
+        if p["ins"]:
+            print(f"  INS {p['ins']} ({p['ins_oid']})")
+        for i in p["identifiers"]:
+            print(f"  id {i['value']}  type {i['id_type'] or '-'}  authority {i['authority']}")
+        for rri in p["merged"]:
+            print(f"  absorbed {rri}")
+        for d in p["suspected_duplicates"]:
+            other = d["rri_b"] if d["rri_a"] == p["rri"] else d["rri_a"]
+            print(f"  suspected duplicate of {other} ({d['state']}): {d['reason']}")
+    return 0
+
+
+def _cmd_identity_duplicates(config: RelaisConfig, args: argparse.Namespace) -> int:
+    store = _open_store(config)
+    try:
+        state = "%" if args.all else "open"
+        rows = _identity_query(
+            store, "SELECT rri_a, rri_b, reason, detected_at, state FROM relais_identity_duplicates "
+            "WHERE state LIKE ? ORDER BY detected_at", [state],
+        )  # fmt: skip
+    finally:
+        store.close()
+    if rows is None:
+        print("no identity read model in this store (no identity channel has run)", file=sys.stderr)
+        return 1
+    for r in rows:
+        if args.json:
+            sys.stdout.write(orjson.dumps(r).decode() + "\n")
+        else:
+            print(f"{r['rri_a']}  {r['rri_b']}  {r['state']}  {r['detected_at'][:19]}  {r['reason']}")
+    if not rows and not args.json:
+        print("no suspected duplicates", file=sys.stderr)
+    return 0
+
+
 def _cmd_redeliver(config: RelaisConfig, args: argparse.Namespace) -> int:
     import getpass
     import uuid as uuid_mod
@@ -405,7 +487,18 @@ def _parser() -> argparse.ArgumentParser:
     red.add_argument("--by", help="who asks (default: the OS user)")
     red.add_argument("--reason", default="", help="why, kept in the Redelivered event")
     red.set_defaults(func=_cmd_redeliver)
-    for sp in (run, ls, show, st, rc, rt, rtry, rr, dll, red, *(sub.choices[c] for c in ("verify", "check"))):
+    ident = sub.add_parser("identity", help="the regional identity read model").add_subparsers(
+        dest="what", required=True
+    )
+    ids = ident.add_parser("show", help="an identity by any of its identifiers (IPP, INS, RRI)")
+    ids.add_argument("identifier")
+    ids.add_argument("--json", action="store_true")
+    ids.set_defaults(func=_cmd_identity_show)
+    idd = ident.add_parser("duplicates", help="suspected duplicates for the identity team")
+    idd.add_argument("--all", action="store_true", help="also those resolved by a merge")
+    idd.add_argument("--json", action="store_true")
+    idd.set_defaults(func=_cmd_identity_duplicates)
+    for sp in (run, ls, show, st, rc, rt, rtry, rr, dll, red, ids, idd, *(sub.choices[c] for c in ("verify", "check"))):
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return p
 

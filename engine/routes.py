@@ -354,6 +354,7 @@ def load_channel(path: Path) -> Channel:
         spec = ChannelFile.model_validate(raw)
     except ValidationError as e:
         raise RouteError(describe_validation_error(e, path)) from e
+    import engine.identity_feed  # noqa: F401  (registers the "identity" destination kind)
     from connectors.registry import validate_settings
 
     for i, dest in enumerate(spec.destination):

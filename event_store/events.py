@@ -17,6 +17,7 @@ __all__ = [
     "DeliveryFailed",
     "DuplicateReceived",
     "Event",
+    "IdentityUpdated",
     "MessageReceived",
     "MessageRejected",
     "MessageRouted",
@@ -159,11 +160,30 @@ class Redelivered(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityUpdated(Event):
+    """The regional identity read model took this message into account (identity channel).
+
+    `action`: created | updated | identifier_changed | merged. Identifiers are listed as
+    `value^type@authority`; `ignored` says what was not used and why (an INS without VALI).
+    """
+
+    delivery_id: str
+    rri: str
+    action: str
+    linked: list[str]
+    unlinked: list[str]
+    merged_from: str
+    suspected_duplicates: list[str]
+    ignored: list[str]
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     f"relais.{cls.__name__}": cls
     for cls in (
         MessageReceived, MessageRejected, DuplicateReceived, MessageRouted, NotRouted,
         DeliveryAttempted, Delivered, DeliveryFailed, DeadLettered, Redelivered,
+        IdentityUpdated,
     )
 }  # fmt: skip
 

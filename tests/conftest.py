@@ -138,9 +138,12 @@ def _drop_pg_tables() -> None:
     import psycopg
 
     with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True) as conn:
-        for table in ("stored_events", "relais_payloads", "relais_messages", "relais_identifiers",
-                      "relais_tracking", "relais_outbox", "relais_requests"):  # fmt: skip
-            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "AND (tablename = 'stored_events' OR tablename LIKE 'relais\\_%')"
+        ).fetchall()
+        for (table,) in tables:
+            conn.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
         conn.execute("DROP TYPE IF EXISTS stored_event_uuid CASCADE")
         conn.execute("DROP TYPE IF EXISTS stored_event_text CASCADE")
 

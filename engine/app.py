@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from connectors.mllp import MllpServer
+from connectors.rest import RestServer
 from engine.acceptors import AcceptorPool, IngestGateway
 from engine.config import RelaisConfig, TlsSettings
 from engine.delivery import DeliveryWorkers, Target
@@ -80,6 +81,7 @@ class RelaisApp:
         self.store: EventStore | None = None
         self.ingestor: Ingestor | None = None
         self.mllp: dict[str, MllpServer] = {}
+        self.http: dict[str, RestServer] = {}
         self.router: Router | None = None
         self.delivery: DeliveryWorkers | None = None
         self.indexer: SearchIndexer | None = None
@@ -178,6 +180,11 @@ class RelaisApp:
             for server in listener_servers(cfg, self.ingestor, decisions):
                 await server.start()
                 self.mllp[server.name] = server
+        for http_listener in cfg.listeners.http:
+            rest = RestServer(http_listener, self.ingestor, self.store, decisions,
+                              server_ssl_context(http_listener.tls, cfg) if http_listener.tls else None)  # fmt: skip
+            self.http[rest.name] = rest
+            await rest.start()
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
@@ -185,6 +192,8 @@ class RelaisApp:
         """The port a listener is bound to (useful when the config says 0)."""
         if name in self.mllp:
             return self.mllp[name].bound_port
+        if name in self.http:
+            return self.http[name].bound_port
         return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
 
     async def stop(self) -> None:
@@ -197,6 +206,9 @@ class RelaisApp:
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()
+        for rest in self.http.values():
+            await rest.stop()
+        self.http.clear()
         if self.indexer is not None:
             await self.indexer.stop()
         if self.router is not None:

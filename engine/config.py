@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.toml_files import describe_validation_error, read_toml
 
-__all__ = ["ConfigError", "MllpListener", "RelaisConfig", "TlsSettings", "load_config"]
+__all__ = ["ConfigError", "HttpListener", "HttpToken", "MllpListener", "RelaisConfig", "TlsSettings", "load_config"]
 
 DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"]
 
@@ -84,8 +84,34 @@ class MllpListener(_Strict):
         return v
 
 
+HTTP_ROLES = ("sender", "integrator", "auditor", "admin", "professional")
+
+
+class HttpToken(_Strict):
+    """One API client: its bearer token is kept only as a SHA-256 (tokens are random)."""
+
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the bearer token")
+    roles: list[Literal["sender", "integrator", "auditor", "admin", "professional"]] = Field(min_length=1)
+    sender: str = Field("", description="the identity its submissions are keyed by; default: name")
+
+
+class HttpListener(_Strict):
+    """The REST API (submissions, HL7 over HTTP, message status) on uvicorn, same loop."""
+
+    name: str = "http"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    body_timeout: float = Field(30.0, gt=0, description="seconds to receive a whole request body")
+    default_charset: str = Field("iso-8859-15", description="HL7 over HTTP: when MSH-18 is empty, not UTF-8")
+    tls: TlsSettings | None = None
+    tokens: list[HttpToken] = Field(default_factory=list)
+
+
 class Listeners(_Strict):
     mllp: list[MllpListener] = Field(default_factory=lambda: [MllpListener()])
+    http: list[HttpListener] = Field(default_factory=list)
 
 
 class StoreSettings(_Strict):

@@ -72,6 +72,9 @@ class Submission:
     # Set when the edge already put the bytes in the blob store (a spooled DICOM file, say):
     # `payload` is then empty and nothing is written again.
     stored_payload: PayloadRef | None = None
+    # Further content the new message names in its events (a REST submission's documents),
+    # stored by hash in the same commit.
+    payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -243,6 +246,8 @@ class Ingestor:
                 ref = sub.stored_payload
             else:
                 ref = batch.add_payload(sub.payload, sub.content_type, store.inline_limit)
+            for extra_ref, data in sub.payloads:
+                batch.payloads.setdefault(extra_ref.sha256, (extra_ref, data))
             flags: list[str] = []
             if sub.control_id:
                 key = (sub.sender, sub.control_id)

@@ -25,6 +25,7 @@ __all__ = [
     "PayloadRef",
     "PlannedDelivery",
     "Redelivered",
+    "SubmissionAccepted",
     "topic_of",
 ]
 
@@ -178,12 +179,24 @@ class IdentityUpdated(Event):
     ignored: list[str]
 
 
+@dataclass(frozen=True, slots=True)
+class SubmissionAccepted(Event):
+    """A REST client submitted documents or a telemedicine request (`kind`); each document
+    is stored by its hash (`documents`), `details` is the request's metadata."""
+
+    kind: str  # document | telemedicine
+    client: str
+    documents: list[PayloadRef]
+    details: dict[str, Any]
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     f"relais.{cls.__name__}": cls
     for cls in (
         MessageReceived, MessageRejected, DuplicateReceived, MessageRouted, NotRouted,
         DeliveryAttempted, Delivered, DeliveryFailed, DeadLettered, Redelivered,
         IdentityUpdated,
+        SubmissionAccepted,
     )
 }  # fmt: skip
 

@@ -344,6 +344,9 @@ def create_app(
 
     submission_schema = TypeAdapter(SubmissionBody).json_schema(ref_template="#/components/schemas/{model}")
     defs = submission_schema.pop("$defs", {})
+    # In a JSON body a document carries its bytes in `content`; `part` is for multipart.
+    defs["DocumentIn"]["properties"].pop("part")
+    defs["DocumentIn"]["required"].append("content")
 
     @app.post(
         "/v1/submissions",
@@ -362,9 +365,10 @@ def create_app(
                         "schema": {
                             "type": "object",
                             "required": ["metadata"],
-                            "properties": {"metadata": {"type": "string", "description": "the JSON submission"}},
+                            "properties": {"metadata": submission_schema},
                             "additionalProperties": {"type": "string", "format": "binary"},
-                        }
+                        },
+                        "encoding": {"metadata": {"contentType": "application/json"}},
                     },
                 },
             }
@@ -507,8 +511,6 @@ def create_app(
             else:
                 await intake.truncated(e.partial, peer, e.reason)
             raise _Problem(e.status, e.reason, [FieldError("body", e.reason)]) from None
-        if not raw.strip():
-            raise _Problem(400, "empty body", [FieldError("body", "an HL7 v2 message is expected")])
         answer = await intake.handle(raw, peer)
         if submitter.unavailable:
             if isinstance(answer, FrameAnswer):
@@ -525,16 +527,13 @@ def create_app(
     @app.get(
         "/v1/messages/{message_id}",
         response_model=MessageView,
-        responses=_problem_responses(401, 404),
+        responses=_problem_responses(401, 404, 422),
         summary="Status and events of any message, whatever its protocol",
     )
-    async def message(request: Request, message_id: str) -> Response:
+    async def message(request: Request, message_id: uuid.UUID) -> Response:
         client = authenticate(request)
         not_found = _Problem(404, "no such message", [FieldError("message_id", "unknown")])
-        try:
-            oid = uuid.UUID(message_id)
-        except ValueError:
-            raise not_found from None
+        oid = message_id
         records = await asyncio.to_thread(store.events_of, oid)
         if not records or records[0].topic != "relais.MessageReceived":
             raise not_found

@@ -38,6 +38,9 @@ INS_OIDS = {
 }
 
 
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,11 +48,13 @@ class _Model(BaseModel):
 class Patient(_Model):
     """The patient by identifiers only: the INS (qualified identity) and/or a local IPP."""
 
-    ins: str | None = Field(None, pattern=r"^[0-9]{13}[0-9]{2}$", description="INS (NIR/NIA, 15 digits)")
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["ins"]}, {"required": ["local_id"]}]})
+
+    ins: str = Field("", pattern=r"^[0-9]{15}$", description="INS (NIR/NIA, 15 digits)")
     ins_oid: Literal["1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"] = (
         "1.2.250.1.213.1.4.8"
     )
-    local_id: str | None = Field(None, min_length=1, max_length=64, description="IPP in the sender's domain")
+    local_id: str = Field("", min_length=1, max_length=64, description="IPP in the sender's domain")
     local_authority: str = Field("", max_length=128, description="OID of the IPP's assigning authority")
 
 
@@ -66,8 +71,8 @@ class DocumentIn(_Model):
 
     filename: str = Field(min_length=1, max_length=255)
     content_type: str = Field("application/octet-stream", min_length=3, max_length=127, pattern=r"^[\w.+-]+/[\w.+-]+")
-    content: str | None = Field(None, description="base64 (RFC 4648) of the document")
-    part: str | None = Field(None, min_length=1, max_length=100, description="multipart part holding the bytes")
+    content: str = Field("", pattern=BASE64, description="base64 (RFC 4648) of the document")
+    part: str = Field("", min_length=1, max_length=100, description="multipart only: the part holding the bytes")
     type_code: str = Field("", max_length=32, description="LOINC document type (11502-2 lab report...)")
     title: str = Field("", max_length=300)
     confidentiality: Literal["N", "R", "V"] = "N"
@@ -143,10 +148,10 @@ def parse_submission(
         errors.append(FieldError("patient", "identify the patient by 'ins' and/or 'local_id'"))
     for i, doc in enumerate(request.documents):
         where = f"documents[{i}]"
-        if (doc.content is None) == (doc.part is None):
+        if bool(doc.content) == bool(doc.part):
             errors.append(FieldError(where, "give exactly one of 'content' (base64) or 'part' (multipart)"))
             continue
-        if doc.content is not None:
+        if doc.content:
             try:
                 contents.append(base64.b64decode(doc.content, validate=True))
             except (binascii.Error, ValueError):
@@ -155,9 +160,7 @@ def parse_submission(
         if parts is None or doc.part not in parts:
             errors.append(FieldError(f"{where}.part", f"no multipart part named {doc.part!r}"))
             continue
-        contents.append(parts[doc.part or ""])
-    if not errors and not any(contents) and request.documents:
-        errors.append(FieldError("documents", "documents are empty"))
+        contents.append(parts[doc.part])
     if errors:
         raise InvalidSubmission(422, "documents cannot be read", errors)
     return request, contents

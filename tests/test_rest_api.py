@@ -270,7 +270,8 @@ def test_roles_decide_who_submits_and_who_sees(api) -> None:
     assert httpx.get(f"{url}/v1/messages/{mine}", headers=auth("auditor")).status_code == 200
     hidden = httpx.get(f"{url}/v1/messages/{mine}", headers=auth("clinic"))
     assert hidden.status_code == 404  # not 403: another client's ids do not leak
-    assert httpx.get(f"{url}/v1/messages/not-a-uuid", headers=auth("auditor")).status_code == 404
+    malformed = httpx.get(f"{url}/v1/messages/not-a-uuid", headers=auth("auditor"))
+    assert malformed.status_code == 422 and malformed.json()["errors"][0]["field"] == "message_id"
 
 
 def test_messages_of_other_protocols_can_be_followed(relais) -> None:

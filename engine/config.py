@@ -173,4 +173,8 @@ def load_config(path: Path) -> RelaisConfig:
     names = [listener.name for listener in config.listeners.mllp]
     if len(names) != len(set(names)):
         raise ConfigError(f"{path}: listeners.mllp: listener names must be unique (got {names})")
+    for http in config.listeners.http:
+        clients = [token.name for token in http.tokens]
+        if len(clients) != len(set(clients)) or len({t.sha256 for t in http.tokens}) != len(clients):
+            raise ConfigError(f"{path}: listeners.http ({http.name}): token names and digests must be unique")
     return config

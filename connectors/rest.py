@@ -37,7 +37,7 @@ from engine.rest_intake import (
     parse_submission,
     rejected_submission,
 )
-from event_store import EventStore, sha256_hex
+from event_store import EventStore
 
 __all__ = ["Client", "RestServer", "create_app", "token_digest"]
 
@@ -265,7 +265,6 @@ def create_app(
     hl7_rules = MllpListener(
         name=listener.name, max_frame_bytes=listener.max_body_bytes, default_charset=listener.default_charset
     )
-    key_locks = [asyncio.Lock() for _ in range(64)]  # one submission per key at a time (striped)
     app = FastAPI(
         title="Relais REST API",
         version="1",
@@ -420,21 +419,15 @@ def create_app(
             inline_limit=store.inline_limit,
         )
         try:
-            if key:
-                async with key_locks[hash((client.sender, key)) % len(key_locks)]:
-                    if await _key_reused(store, client.sender, key, sha256_hex(submission.payload)):
-                        conflict = InvalidSubmission(
-                            422,
-                            "Idempotency-Key already used for another submission",
-                            [FieldError("Idempotency-Key", "reused with a different body")],
-                        )
-                        return await refuse(request, client, key, body, conflict)
-                    receipt = await ingestor.submit(submission)
-            else:
-                receipt = await ingestor.submit(submission)
+            receipt = await ingestor.submit(submission)
         except IngestUnavailable:
             log.error("submission_not_stored", listener=listener.name, client=client.name)
             return _problem(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+        if receipt.verdict.status != "accepted":  # the key was used before for another submission
+            log.warning("idempotency_key_reused", message_id=str(receipt.message_id), listener=listener.name,
+                        client=client.name)  # fmt: skip
+            reused = [FieldError(receipt.verdict.location, "reused with a different body")]
+            return _problem(422, receipt.verdict.reason, reused, message_id=str(receipt.message_id))
         log.info(
             "submission_received",
             message_id=str(receipt.message_id),
@@ -577,15 +570,26 @@ def _discard(later: Awaitable[Any] | None) -> None:
         later.close()
 
 
-async def _key_reused(store: EventStore, sender: str, key: str, sha: str) -> bool:
-    """True when this client already used the key for a submission with other content."""
-    found = await asyncio.to_thread(store.find_messages, [(sender, key)])
-    earlier = found.get((sender, key), [])
-    return bool(earlier) and not any(row["payload_sha256"] == sha for row in earlier)
-
-
 def _client(token: HttpToken) -> Client:
     return Client(token.name, token.sender or token.name, frozenset(token.roles))
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket whose protocol is IPPROTO_TCP explicitly: asyncio sets
+    TCP_NODELAY only on such sockets, and without it every answer waits ~40 ms for the
+    client's delayed ACK (headers and body go out as two writes)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[
+        0
+    ]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class RestServer:
@@ -621,7 +625,7 @@ class RestServer:
         )
         config.load()
         config.ssl = self.ssl_context  # ours: TLS 1.2+ and client certificates as configured
-        self._socket = socket.create_server((self.listener.host, self.listener.port), reuse_port=False)
+        self._socket = _listening_socket(self.listener.host, self.listener.port)
         self.bound_port = self._socket.getsockname()[1]
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)

@@ -41,6 +41,9 @@ INS_OIDS = {
 BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
 
 
+KEY_REUSED = Verdict("reject", "422", "", "Idempotency-Key already used for another submission", "Idempotency-Key")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -222,6 +225,7 @@ def build_submission(
         message_type=request.kind,
         metadata=metadata,
         verdict=Verdict("accepted", "202"),
+        reused_key_verdict=KEY_REUSED,
         events=[event],
         payloads=list(zip(refs, contents, strict=True)),
     )

@@ -157,6 +157,28 @@ def test_same_idempotency_key_with_another_body_is_refused_naming_the_header(api
     assert [e.topic for e in rejected] == ["relais.MessageReceived", "relais.MessageRejected"]
     accepted = running.store.query("SELECT COUNT(*) AS n FROM relais_messages WHERE status = 'accepted'")
     assert accepted[0]["n"] == 1
+    # Both answers stay what they were on a resend.
+    assert httpx.post(f"{url}/v1/submissions", json=document(), headers=headers).json()["id"] == first.json()["id"]
+    again = httpx.post(f"{url}/v1/submissions", json=document(b"another report"), headers=headers)
+    assert again.status_code == 422 and again.json()["message_id"] == other.json()["message_id"]
+
+
+def test_concurrent_submissions_under_one_key_accept_exactly_one(api) -> None:
+    """The key is checked by the single writer, so racing requests cannot both get in."""
+    import asyncio
+
+    running, url = api
+    headers = {**auth("hospital"), "Idempotency-Key": "race-1"}
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+            bodies = [document(f"report {i}".encode()) for i in range(6)]
+            return await asyncio.gather(*(client.post("/v1/submissions", json=b) for b in bodies))
+
+    answers = asyncio.run(race())
+    assert sorted(r.status_code for r in answers) == [202] + [422] * 5
+    rows = running.store.query("SELECT status FROM relais_messages WHERE control_id = 'race-1'")
+    assert sorted(r["status"] for r in rows) == ["accepted"] + ["reject"] * 5
 
 
 @pytest.mark.parametrize(

@@ -84,9 +84,6 @@ class MllpListener(_Strict):
         return v
 
 
-HTTP_ROLES = ("sender", "integrator", "auditor", "admin", "professional")
-
-
 class HttpToken(_Strict):
     """One API client: its bearer token is kept only as a SHA-256 (tokens are random)."""
 

@@ -342,3 +342,12 @@ def test_openapi_is_published(api) -> None:
     doc = httpx.get(f"{url}/openapi.json").json()
     assert {"/v1/submissions", "/v1/hl7", "/v1/messages/{message_id}"} <= set(doc["paths"])
     assert "DocumentSubmission" in doc["components"]["schemas"]
+
+
+def test_oversized_hl7_is_413_and_kept_as_a_rejected_message(relais) -> None:
+    running, url = start(relais, max_body_bytes=2_000)
+    big = adt(control_id="BIG-1", extra_segments=tuple(f"NTE|{i}|L|{'x' * 80}" for i in range(40))).encode()
+    r = httpx.post(f"{url}/v1/hl7", content=big, headers={**auth("hospital"), "Content-Type": "application/hl7-v2"})
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    rows = running.store.query("SELECT protocol, status, ack_code FROM relais_messages")
+    assert rows == [{"protocol": "http-hl7", "status": "reject", "ack_code": "AR"}]

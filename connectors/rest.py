@@ -194,7 +194,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _multipart_parts(request: Request, body: bytes) -> tuple[bytes, dict[str, bytes]]:
+async def _multipart_parts(request: Request, body: bytes, limit: int) -> tuple[bytes, dict[str, bytes]]:
     """The `metadata` JSON part and the file parts by name, from an already read body."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
@@ -204,7 +204,8 @@ async def _multipart_parts(request: Request, body: bytes) -> tuple[bytes, dict[s
         yield b""
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=100, max_fields=100).parse()
+        parser = MultiPartParser(request.headers, stream(), max_files=100, max_fields=100, max_part_size=limit)
+        form = await parser.parse()
     except MultiPartException as e:
         raise _Problem(400, "multipart body cannot be read", [FieldError("body", str(e)[:200])]) from None
     metadata = form.get("metadata")
@@ -382,6 +383,8 @@ def create_app(
         idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=200),
     ) -> Response:
         client = authenticate(request)
+        if not (client.may("document") or client.may("telemedicine")):
+            raise _Problem(403, "this client may not submit", [FieldError("Authorization", "role")])
         key = idempotency_key or ""
         media = _media_type(request)
         if media not in ("application/json", "multipart/form-data"):
@@ -394,7 +397,7 @@ def create_app(
         try:
             if media == "multipart/form-data":
                 try:
-                    meta, parts = await _multipart_parts(request, body)
+                    meta, parts = await _multipart_parts(request, body, listener.max_body_bytes)
                 except _Problem as p:
                     raise InvalidSubmission(p.status, p.title, p.errors) from None
                 parsed, contents = parse_submission(meta, parts)

@@ -4,6 +4,7 @@ input answered with problem+json naming the field (and kept as rejected messages
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import time
 import uuid
@@ -112,8 +113,6 @@ def test_a_document_sent_as_multipart_is_the_same_submission_as_base64(api) -> N
     meta = document()
     del meta["documents"][0]["content"]
     meta["documents"][0]["part"] = "file0"
-    import json
-
     again = httpx.post(
         f"{url}/v1/submissions",
         headers=headers,
@@ -351,3 +350,22 @@ def test_oversized_hl7_is_413_and_kept_as_a_rejected_message(relais) -> None:
     assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
     rows = running.store.query("SELECT protocol, status, ack_code FROM relais_messages")
     assert rows == [{"protocol": "http-hl7", "status": "reject", "ack_code": "AR"}]
+
+
+def test_large_documents_in_multipart_and_base64_are_stored_whole(api) -> None:
+    running, url = api
+    big = bytes(range(256)) * 6000  # 1.5 MB: above the inline limit, lands in the blob folder
+    meta = document()
+    meta["documents"][0] = {"filename": "scan.pdf", "content_type": "application/pdf", "part": "scan"}
+    r = httpx.post(
+        f"{url}/v1/submissions",
+        headers=auth("hospital"),
+        data={"metadata": json.dumps(meta)},
+        files={"scan": ("scan.pdf", big, "application/pdf")},
+    )
+    assert r.status_code == 202, r.text
+    r2 = httpx.post(f"{url}/v1/submissions", json=document(big), headers=auth("hospital"))
+    assert r2.status_code == 202
+    for answer in (r, r2):
+        fields = running.store.events_of(uuid.UUID(answer.json()["id"]))[1].event
+        assert running.store.payload(fields["documents"][0]["sha256"]) == big

@@ -369,3 +369,19 @@ def test_large_documents_in_multipart_and_base64_are_stored_whole(api) -> None:
     for answer in (r, r2):
         fields = running.store.events_of(uuid.UUID(answer.json()["id"]))[1].event
         assert running.store.payload(fields["documents"][0]["sha256"]) == big
+
+
+def test_the_api_runs_beside_acceptor_processes(relais) -> None:
+    """With MLLP in acceptor processes, the API stays in the engine's process and both
+    messages are followed through it."""
+    from hl7.client import MLLPClient
+
+    running = relais(listeners={"mllp": [{"name": "mllp", "port": 0}], "http": [http_listener()]},
+                     ingest={"acceptors": 1})  # fmt: skip
+    url = f"http://127.0.0.1:{running.app.port_of('http')}"
+    with MLLPClient("127.0.0.1", running.app.port_of("mllp")) as client:
+        client.send_message(adt(control_id="ACC-1"))
+    r = httpx.post(f"{url}/v1/submissions", json=document(), headers=auth("hospital"))
+    assert r.status_code == 202
+    row = running.store.query("SELECT message_id FROM relais_messages WHERE control_id = 'ACC-1'")[0]
+    assert httpx.get(f"{url}/v1/messages/{row['message_id']}", headers=auth("auditor")).json()["protocol"] == "mllp"

@@ -385,3 +385,22 @@ def test_the_api_runs_beside_acceptor_processes(relais) -> None:
     assert r.status_code == 202
     row = running.store.query("SELECT message_id FROM relais_messages WHERE control_id = 'ACC-1'")[0]
     assert httpx.get(f"{url}/v1/messages/{row['message_id']}", headers=auth("auditor")).json()["protocol"] == "mllp"
+
+
+def test_the_status_follows_the_routers_decision(relais, tmp_path) -> None:
+    """The router's decision shows in the status (today it routes HL7 only: a submission is
+    recorded as not routed, with the router's reason)."""
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    listeners = {"mllp": [], "http": [http_listener()]}
+    running = relais(listeners=listeners, routing={"enabled": True, "routes_dir": str(routes)})
+    url = f"http://127.0.0.1:{running.app.port_of('http')}"
+    r = httpx.post(f"{url}/v1/submissions", json=document(), headers=auth("hospital"))
+    view: dict[str, Any] = {}
+    for _ in range(300):
+        view = httpx.get(f"{url}{r.headers['location']}", headers=auth("hospital")).json()
+        if view["status"] != "accepted":
+            break
+        time.sleep(0.05)
+    assert view["status"] == "not_routed"
+    assert view["events"][-1]["topic"] == "relais.NotRouted" and view["events"][-1]["fields"]["reason"]

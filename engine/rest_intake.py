@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from engine.ingest import Submission, Verdict
 from event_store.events import SubmissionAccepted
@@ -44,6 +44,12 @@ BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z
 KEY_REUSED = Verdict("reject", "422", "", "Idempotency-Key already used for another submission", "Idempotency-Key")
 
 
+def ins_key(first13: str) -> str:
+    """The NIR control key: 97 - (number mod 97), Corsica's 2A/2B counted as 19/18."""
+    digits = first13[:5] + {"2A": "19", "2B": "18"}.get(first13[5:7], first13[5:7]) + first13[7:]
+    return f"{97 - int(digits) % 97:02d}"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,12 +59,24 @@ class Patient(_Model):
 
     model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["ins"]}, {"required": ["local_id"]}]})
 
-    ins: str = Field("", pattern=r"^[0-9]{15}$", description="INS (NIR/NIA, 15 digits)")
+    ins: str = Field(
+        "",
+        pattern=r"^[0-9]{5}(?:[0-9]{2}|2[AB])[0-9]{8}$",
+        description="INS matricule (NIR or NIA, 15 characters, Corsica 2A/2B) with its control key",
+        json_schema_extra={"format": "ins"},
+    )
     ins_oid: Literal["1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"] = (
         "1.2.250.1.213.1.4.8"
     )
     local_id: str = Field("", min_length=1, max_length=64, description="IPP in the sender's domain")
     local_authority: str = Field("", max_length=128, description="OID of the IPP's assigning authority")
+
+    @field_validator("ins")
+    @classmethod
+    def _ins_key(cls, v: str) -> str:
+        if v and ins_key(v[:13]) != v[13:]:
+            raise ValueError("the INS control key (last 2 digits) does not match: mistyped?")
+        return v
 
 
 class Professional(_Model):

@@ -186,6 +186,7 @@ def test_concurrent_submissions_under_one_key_accept_exactly_one(api) -> None:
         (b'{"kind": "document", "patient": ', 400, "body"),
         (b'{"kind": "letter"}', 422, "kind"),
         (b'{"kind": "document", "patient": {"ins": "12"}, "documents": []}', 422, "patient.ins"),
+        (b'{"kind": "document", "patient": {"ins": "260058815400234"}, "documents": []}', 422, "patient.ins"),
     ],
 )
 def test_malformed_or_invalid_json_names_the_field_and_is_recorded(api, body: bytes, status: int, field: str) -> None:
@@ -200,6 +201,15 @@ def test_malformed_or_invalid_json_names_the_field_and_is_recorded(api, body: by
     events = running.store.events_of(uuid.UUID(problem["message_id"]))
     assert events[-1].topic == "relais.MessageRejected" and events[-1].event["code"] == str(status)
     assert running.store.payload(events[0].event["payload"]["sha256"]) == body  # kept as sent
+
+
+def test_an_ins_born_in_corsica_is_accepted(api) -> None:
+    _, url = api
+    from engine.rest_intake import ins_key
+
+    corsican = "1850".ljust(5, "6") + "2A" + "004123"
+    r = httpx.post(f"{url}/v1/submissions", json=document(ins=corsican + ins_key(corsican)), headers=auth("hospital"))
+    assert r.status_code == 202, r.text
 
 
 def test_bad_base64_names_the_document(api) -> None:

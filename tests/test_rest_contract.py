@@ -11,10 +11,15 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from engine.rest_intake import ins_key
 from tests.test_rest_api import auth, document, start
 from tests.tls_material import make_pki
+
+# Valid INS for generated submissions (the pattern alone says nothing of the control key).
+schemathesis.openapi.format("ins", st.from_regex(r"\A[12][0-9]{12}\Z").map(lambda first13: first13 + ins_key(first13)))
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

@@ -37,7 +37,7 @@ from engine.rest_intake import (
     parse_submission,
     rejected_submission,
 )
-from event_store import EventStore, sha256_hex
+from event_store import EventStore
 
 __all__ = ["Client", "RestServer", "create_app", "token_digest"]
 
@@ -194,7 +194,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _multipart_parts(request: Request, body: bytes) -> tuple[bytes, dict[str, bytes]]:
+async def _multipart_parts(request: Request, body: bytes, limit: int) -> tuple[bytes, dict[str, bytes]]:
     """The `metadata` JSON part and the file parts by name, from an already read body."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
@@ -204,7 +204,8 @@ async def _multipart_parts(request: Request, body: bytes) -> tuple[bytes, dict[s
         yield b""
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=100, max_fields=100).parse()
+        parser = MultiPartParser(request.headers, stream(), max_files=100, max_fields=100, max_part_size=limit)
+        form = await parser.parse()
     except MultiPartException as e:
         raise _Problem(400, "multipart body cannot be read", [FieldError("body", str(e)[:200])]) from None
     metadata = form.get("metadata")
@@ -265,7 +266,6 @@ def create_app(
     hl7_rules = MllpListener(
         name=listener.name, max_frame_bytes=listener.max_body_bytes, default_charset=listener.default_charset
     )
-    key_locks = [asyncio.Lock() for _ in range(64)]  # one submission per key at a time (striped)
     app = FastAPI(
         title="Relais REST API",
         version="1",
@@ -344,6 +344,9 @@ def create_app(
 
     submission_schema = TypeAdapter(SubmissionBody).json_schema(ref_template="#/components/schemas/{model}")
     defs = submission_schema.pop("$defs", {})
+    # In a JSON body a document carries its bytes in `content`; `part` is for multipart.
+    defs["DocumentIn"]["properties"].pop("part")
+    defs["DocumentIn"]["required"].append("content")
 
     @app.post(
         "/v1/submissions",
@@ -362,9 +365,10 @@ def create_app(
                         "schema": {
                             "type": "object",
                             "required": ["metadata"],
-                            "properties": {"metadata": {"type": "string", "description": "the JSON submission"}},
+                            "properties": {"metadata": submission_schema},
                             "additionalProperties": {"type": "string", "format": "binary"},
-                        }
+                        },
+                        "encoding": {"metadata": {"contentType": "application/json"}},
                     },
                 },
             }
@@ -379,6 +383,8 @@ def create_app(
         idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=200),
     ) -> Response:
         client = authenticate(request)
+        if not (client.may("document") or client.may("telemedicine")):
+            raise _Problem(403, "this client may not submit", [FieldError("Authorization", "role")])
         key = idempotency_key or ""
         media = _media_type(request)
         if media not in ("application/json", "multipart/form-data"):
@@ -391,7 +397,7 @@ def create_app(
         try:
             if media == "multipart/form-data":
                 try:
-                    meta, parts = await _multipart_parts(request, body)
+                    meta, parts = await _multipart_parts(request, body, listener.max_body_bytes)
                 except _Problem as p:
                     raise InvalidSubmission(p.status, p.title, p.errors) from None
                 parsed, contents = parse_submission(meta, parts)
@@ -416,21 +422,15 @@ def create_app(
             inline_limit=store.inline_limit,
         )
         try:
-            if key:
-                async with key_locks[hash((client.sender, key)) % len(key_locks)]:
-                    if await _key_reused(store, client.sender, key, sha256_hex(submission.payload)):
-                        conflict = InvalidSubmission(
-                            422,
-                            "Idempotency-Key already used for another submission",
-                            [FieldError("Idempotency-Key", "reused with a different body")],
-                        )
-                        return await refuse(request, client, key, body, conflict)
-                    receipt = await ingestor.submit(submission)
-            else:
-                receipt = await ingestor.submit(submission)
+            receipt = await ingestor.submit(submission)
         except IngestUnavailable:
             log.error("submission_not_stored", listener=listener.name, client=client.name)
             return _problem(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+        if receipt.verdict.status != "accepted":  # the key was used before for another submission
+            log.warning("idempotency_key_reused", message_id=str(receipt.message_id), listener=listener.name,
+                        client=client.name)  # fmt: skip
+            reused = [FieldError(receipt.verdict.location, "reused with a different body")]
+            return _problem(422, receipt.verdict.reason, reused, message_id=str(receipt.message_id))
         log.info(
             "submission_received",
             message_id=str(receipt.message_id),
@@ -507,8 +507,6 @@ def create_app(
             else:
                 await intake.truncated(e.partial, peer, e.reason)
             raise _Problem(e.status, e.reason, [FieldError("body", e.reason)]) from None
-        if not raw.strip():
-            raise _Problem(400, "empty body", [FieldError("body", "an HL7 v2 message is expected")])
         answer = await intake.handle(raw, peer)
         if submitter.unavailable:
             if isinstance(answer, FrameAnswer):
@@ -525,16 +523,13 @@ def create_app(
     @app.get(
         "/v1/messages/{message_id}",
         response_model=MessageView,
-        responses=_problem_responses(401, 404),
+        responses=_problem_responses(401, 404, 422),
         summary="Status and events of any message, whatever its protocol",
     )
-    async def message(request: Request, message_id: str) -> Response:
+    async def message(request: Request, message_id: uuid.UUID) -> Response:
         client = authenticate(request)
         not_found = _Problem(404, "no such message", [FieldError("message_id", "unknown")])
-        try:
-            oid = uuid.UUID(message_id)
-        except ValueError:
-            raise not_found from None
+        oid = message_id
         records = await asyncio.to_thread(store.events_of, oid)
         if not records or records[0].topic != "relais.MessageReceived":
             raise not_found
@@ -578,15 +573,26 @@ def _discard(later: Awaitable[Any] | None) -> None:
         later.close()
 
 
-async def _key_reused(store: EventStore, sender: str, key: str, sha: str) -> bool:
-    """True when this client already used the key for a submission with other content."""
-    found = await asyncio.to_thread(store.find_messages, [(sender, key)])
-    earlier = found.get((sender, key), [])
-    return bool(earlier) and not any(row["payload_sha256"] == sha for row in earlier)
-
-
 def _client(token: HttpToken) -> Client:
     return Client(token.name, token.sender or token.name, frozenset(token.roles))
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket whose protocol is IPPROTO_TCP explicitly: asyncio sets
+    TCP_NODELAY only on such sockets, and without it every answer waits ~40 ms for the
+    client's delayed ACK (headers and body go out as two writes)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[
+        0
+    ]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class RestServer:
@@ -622,7 +628,7 @@ class RestServer:
         )
         config.load()
         config.ssl = self.ssl_context  # ours: TLS 1.2+ and client certificates as configured
-        self._socket = socket.create_server((self.listener.host, self.listener.port), reuse_port=False)
+        self._socket = _listening_socket(self.listener.host, self.listener.port)
         self.bound_port = self._socket.getsockname()[1]
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)

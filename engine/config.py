@@ -84,9 +84,6 @@ class MllpListener(_Strict):
         return v
 
 
-HTTP_ROLES = ("sender", "integrator", "auditor", "admin", "professional")
-
-
 class HttpToken(_Strict):
     """One API client: its bearer token is kept only as a SHA-256 (tokens are random)."""
 
@@ -173,4 +170,8 @@ def load_config(path: Path) -> RelaisConfig:
     names = [listener.name for listener in config.listeners.mllp]
     if len(names) != len(set(names)):
         raise ConfigError(f"{path}: listeners.mllp: listener names must be unique (got {names})")
+    for http in config.listeners.http:
+        clients = [token.name for token in http.tokens]
+        if len(clients) != len(set(clients)) or len({t.sha256 for t in http.tokens}) != len(clients):
+            raise ConfigError(f"{path}: listeners.http ({http.name}): token names and digests must be unique")
     return config

@@ -75,6 +75,9 @@ class Submission:
     # Further content the new message names in its events (a REST submission's documents),
     # stored by hash in the same commit.
     payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
+    # When set, a control ID this sender already used for other content refuses the
+    # submission with this verdict (REST Idempotency-Key) instead of accepting it flagged.
+    reused_key_verdict: Verdict | None = None
 
 
 @dataclass(slots=True)
@@ -84,6 +87,9 @@ class Appendix:
 
     events: list[tuple[uuid.UUID, Event]] = field(default_factory=list)
     payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
+    # When set, a control ID this sender already used for other content refuses the
+    # submission with this verdict (REST Idempotency-Key) instead of accepting it flagged.
+    reused_key_verdict: Verdict | None = None
     statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
 
 
@@ -273,7 +279,8 @@ class Ingestor:
                 if earlier:
                     flags.append("control_id_reused")
             message_id = uuid7()
-            verdict = sub.verdict
+            refused = sub.reused_key_verdict if "control_id_reused" in flags else None
+            verdict = refused or sub.verdict
             batch.events.append(
                 (
                     message_id,
@@ -290,7 +297,7 @@ class Ingestor:
                     )
                 )
             version = 3 if verdict.status != "accepted" else 2
-            for extra in sub.events:
+            for extra in sub.events if refused is None else ():
                 batch.events.append((message_id, version, extra))
                 version += 1
             row = MessageIndexRow(

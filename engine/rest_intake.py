@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from engine.ingest import Submission, Verdict
 from event_store.events import SubmissionAccepted
@@ -38,6 +38,18 @@ INS_OIDS = {
 }
 
 
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
+
+
+KEY_REUSED = Verdict("reject", "422", "", "Idempotency-Key already used for another submission", "Idempotency-Key")
+
+
+def ins_key(first13: str) -> str:
+    """The NIR control key: 97 - (number mod 97), Corsica's 2A/2B counted as 19/18."""
+    digits = first13[:5] + {"2A": "19", "2B": "18"}.get(first13[5:7], first13[5:7]) + first13[7:]
+    return f"{97 - int(digits) % 97:02d}"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,12 +57,26 @@ class _Model(BaseModel):
 class Patient(_Model):
     """The patient by identifiers only: the INS (qualified identity) and/or a local IPP."""
 
-    ins: str | None = Field(None, pattern=r"^[0-9]{13}[0-9]{2}$", description="INS (NIR/NIA, 15 digits)")
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["ins"]}, {"required": ["local_id"]}]})
+
+    ins: str = Field(
+        "",
+        pattern=r"^[0-9]{5}(?:[0-9]{2}|2[AB])[0-9]{8}$",
+        description="INS matricule (NIR or NIA, 15 characters, Corsica 2A/2B) with its control key",
+        json_schema_extra={"format": "ins"},
+    )
     ins_oid: Literal["1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"] = (
         "1.2.250.1.213.1.4.8"
     )
-    local_id: str | None = Field(None, min_length=1, max_length=64, description="IPP in the sender's domain")
+    local_id: str = Field("", min_length=1, max_length=64, description="IPP in the sender's domain")
     local_authority: str = Field("", max_length=128, description="OID of the IPP's assigning authority")
+
+    @field_validator("ins")
+    @classmethod
+    def _ins_key(cls, v: str) -> str:
+        if v and ins_key(v[:13]) != v[13:]:
+            raise ValueError("the INS control key (last 2 digits) does not match: mistyped?")
+        return v
 
 
 class Professional(_Model):
@@ -66,8 +92,8 @@ class DocumentIn(_Model):
 
     filename: str = Field(min_length=1, max_length=255)
     content_type: str = Field("application/octet-stream", min_length=3, max_length=127, pattern=r"^[\w.+-]+/[\w.+-]+")
-    content: str | None = Field(None, description="base64 (RFC 4648) of the document")
-    part: str | None = Field(None, min_length=1, max_length=100, description="multipart part holding the bytes")
+    content: str = Field("", pattern=BASE64, description="base64 (RFC 4648) of the document")
+    part: str = Field("", min_length=1, max_length=100, description="multipart only: the part holding the bytes")
     type_code: str = Field("", max_length=32, description="LOINC document type (11502-2 lab report...)")
     title: str = Field("", max_length=300)
     confidentiality: Literal["N", "R", "V"] = "N"
@@ -143,10 +169,10 @@ def parse_submission(
         errors.append(FieldError("patient", "identify the patient by 'ins' and/or 'local_id'"))
     for i, doc in enumerate(request.documents):
         where = f"documents[{i}]"
-        if (doc.content is None) == (doc.part is None):
+        if bool(doc.content) == bool(doc.part):
             errors.append(FieldError(where, "give exactly one of 'content' (base64) or 'part' (multipart)"))
             continue
-        if doc.content is not None:
+        if doc.content:
             try:
                 contents.append(base64.b64decode(doc.content, validate=True))
             except (binascii.Error, ValueError):
@@ -155,9 +181,7 @@ def parse_submission(
         if parts is None or doc.part not in parts:
             errors.append(FieldError(f"{where}.part", f"no multipart part named {doc.part!r}"))
             continue
-        contents.append(parts[doc.part or ""])
-    if not errors and not any(contents) and request.documents:
-        errors.append(FieldError("documents", "documents are empty"))
+        contents.append(parts[doc.part])
     if errors:
         raise InvalidSubmission(422, "documents cannot be read", errors)
     return request, contents
@@ -219,6 +243,7 @@ def build_submission(
         message_type=request.kind,
         metadata=metadata,
         verdict=Verdict("accepted", "202"),
+        reused_key_verdict=KEY_REUSED,
         events=[event],
         payloads=list(zip(refs, contents, strict=True)),
     )

@@ -4,6 +4,7 @@ input answered with problem+json naming the field (and kept as rejected messages
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import time
 import uuid
@@ -112,8 +113,6 @@ def test_a_document_sent_as_multipart_is_the_same_submission_as_base64(api) -> N
     meta = document()
     del meta["documents"][0]["content"]
     meta["documents"][0]["part"] = "file0"
-    import json
-
     again = httpx.post(
         f"{url}/v1/submissions",
         headers=headers,
@@ -157,6 +156,28 @@ def test_same_idempotency_key_with_another_body_is_refused_naming_the_header(api
     assert [e.topic for e in rejected] == ["relais.MessageReceived", "relais.MessageRejected"]
     accepted = running.store.query("SELECT COUNT(*) AS n FROM relais_messages WHERE status = 'accepted'")
     assert accepted[0]["n"] == 1
+    # Both answers stay what they were on a resend.
+    assert httpx.post(f"{url}/v1/submissions", json=document(), headers=headers).json()["id"] == first.json()["id"]
+    again = httpx.post(f"{url}/v1/submissions", json=document(b"another report"), headers=headers)
+    assert again.status_code == 422 and again.json()["message_id"] == other.json()["message_id"]
+
+
+def test_concurrent_submissions_under_one_key_accept_exactly_one(api) -> None:
+    """The key is checked by the single writer, so racing requests cannot both get in."""
+    import asyncio
+
+    running, url = api
+    headers = {**auth("hospital"), "Idempotency-Key": "race-1"}
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+            bodies = [document(f"report {i}".encode()) for i in range(6)]
+            return await asyncio.gather(*(client.post("/v1/submissions", json=b) for b in bodies))
+
+    answers = asyncio.run(race())
+    assert sorted(r.status_code for r in answers) == [202] + [422] * 5
+    rows = running.store.query("SELECT status FROM relais_messages WHERE control_id = 'race-1'")
+    assert sorted(r["status"] for r in rows) == ["accepted"] + ["reject"] * 5
 
 
 @pytest.mark.parametrize(
@@ -165,6 +186,7 @@ def test_same_idempotency_key_with_another_body_is_refused_naming_the_header(api
         (b'{"kind": "document", "patient": ', 400, "body"),
         (b'{"kind": "letter"}', 422, "kind"),
         (b'{"kind": "document", "patient": {"ins": "12"}, "documents": []}', 422, "patient.ins"),
+        (b'{"kind": "document", "patient": {"ins": "260058815400234"}, "documents": []}', 422, "patient.ins"),
     ],
 )
 def test_malformed_or_invalid_json_names_the_field_and_is_recorded(api, body: bytes, status: int, field: str) -> None:
@@ -179,6 +201,15 @@ def test_malformed_or_invalid_json_names_the_field_and_is_recorded(api, body: by
     events = running.store.events_of(uuid.UUID(problem["message_id"]))
     assert events[-1].topic == "relais.MessageRejected" and events[-1].event["code"] == str(status)
     assert running.store.payload(events[0].event["payload"]["sha256"]) == body  # kept as sent
+
+
+def test_an_ins_born_in_corsica_is_accepted(api) -> None:
+    _, url = api
+    from engine.rest_intake import ins_key
+
+    corsican = "1850".ljust(5, "6") + "2A" + "004123"
+    r = httpx.post(f"{url}/v1/submissions", json=document(ins=corsican + ins_key(corsican)), headers=auth("hospital"))
+    assert r.status_code == 202, r.text
 
 
 def test_bad_base64_names_the_document(api) -> None:
@@ -270,7 +301,8 @@ def test_roles_decide_who_submits_and_who_sees(api) -> None:
     assert httpx.get(f"{url}/v1/messages/{mine}", headers=auth("auditor")).status_code == 200
     hidden = httpx.get(f"{url}/v1/messages/{mine}", headers=auth("clinic"))
     assert hidden.status_code == 404  # not 403: another client's ids do not leak
-    assert httpx.get(f"{url}/v1/messages/not-a-uuid", headers=auth("auditor")).status_code == 404
+    malformed = httpx.get(f"{url}/v1/messages/not-a-uuid", headers=auth("auditor"))
+    assert malformed.status_code == 422 and malformed.json()["errors"][0]["field"] == "message_id"
 
 
 def test_messages_of_other_protocols_can_be_followed(relais) -> None:
@@ -319,3 +351,66 @@ def test_openapi_is_published(api) -> None:
     doc = httpx.get(f"{url}/openapi.json").json()
     assert {"/v1/submissions", "/v1/hl7", "/v1/messages/{message_id}"} <= set(doc["paths"])
     assert "DocumentSubmission" in doc["components"]["schemas"]
+
+
+def test_oversized_hl7_is_413_and_kept_as_a_rejected_message(relais) -> None:
+    running, url = start(relais, max_body_bytes=2_000)
+    big = adt(control_id="BIG-1", extra_segments=tuple(f"NTE|{i}|L|{'x' * 80}" for i in range(40))).encode()
+    r = httpx.post(f"{url}/v1/hl7", content=big, headers={**auth("hospital"), "Content-Type": "application/hl7-v2"})
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    rows = running.store.query("SELECT protocol, status, ack_code FROM relais_messages")
+    assert rows == [{"protocol": "http-hl7", "status": "reject", "ack_code": "AR"}]
+
+
+def test_large_documents_in_multipart_and_base64_are_stored_whole(api) -> None:
+    running, url = api
+    big = bytes(range(256)) * 6000  # 1.5 MB: above the inline limit, lands in the blob folder
+    meta = document()
+    meta["documents"][0] = {"filename": "scan.pdf", "content_type": "application/pdf", "part": "scan"}
+    r = httpx.post(
+        f"{url}/v1/submissions",
+        headers=auth("hospital"),
+        data={"metadata": json.dumps(meta)},
+        files={"scan": ("scan.pdf", big, "application/pdf")},
+    )
+    assert r.status_code == 202, r.text
+    r2 = httpx.post(f"{url}/v1/submissions", json=document(big), headers=auth("hospital"))
+    assert r2.status_code == 202
+    for answer in (r, r2):
+        fields = running.store.events_of(uuid.UUID(answer.json()["id"]))[1].event
+        assert running.store.payload(fields["documents"][0]["sha256"]) == big
+
+
+def test_the_api_runs_beside_acceptor_processes(relais) -> None:
+    """With MLLP in acceptor processes, the API stays in the engine's process and both
+    messages are followed through it."""
+    from hl7.client import MLLPClient
+
+    running = relais(listeners={"mllp": [{"name": "mllp", "port": 0}], "http": [http_listener()]},
+                     ingest={"acceptors": 1})  # fmt: skip
+    url = f"http://127.0.0.1:{running.app.port_of('http')}"
+    with MLLPClient("127.0.0.1", running.app.port_of("mllp")) as client:
+        client.send_message(adt(control_id="ACC-1"))
+    r = httpx.post(f"{url}/v1/submissions", json=document(), headers=auth("hospital"))
+    assert r.status_code == 202
+    row = running.store.query("SELECT message_id FROM relais_messages WHERE control_id = 'ACC-1'")[0]
+    assert httpx.get(f"{url}/v1/messages/{row['message_id']}", headers=auth("auditor")).json()["protocol"] == "mllp"
+
+
+def test_the_status_follows_the_routers_decision(relais, tmp_path) -> None:
+    """The router's decision shows in the status (today it routes HL7 only: a submission is
+    recorded as not routed, with the router's reason)."""
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    listeners = {"mllp": [], "http": [http_listener()]}
+    running = relais(listeners=listeners, routing={"enabled": True, "routes_dir": str(routes)})
+    url = f"http://127.0.0.1:{running.app.port_of('http')}"
+    r = httpx.post(f"{url}/v1/submissions", json=document(), headers=auth("hospital"))
+    view: dict[str, Any] = {}
+    for _ in range(300):
+        view = httpx.get(f"{url}{r.headers['location']}", headers=auth("hospital")).json()
+        if view["status"] != "accepted":
+            break
+        time.sleep(0.05)
+    assert view["status"] == "not_routed"
+    assert view["events"][-1]["topic"] == "relais.NotRouted" and view["events"][-1]["fields"]["reason"]

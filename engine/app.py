@@ -85,6 +85,8 @@ class RelaisApp:
         self.gateway: IngestGateway | None = None
         self.acceptors: AcceptorPool | None = None
         self.listening = config
+        self.dicom: dict[str, Any] = {}  # name -> connectors.dicom.DicomServer
+        self.studies: Any = None  # engine.study_assembly.StudyAssembler
 
     @property
     def routes_dir(self) -> Path:
@@ -171,13 +173,30 @@ class RelaisApp:
             for server in listener_servers(cfg, self.ingestor, decisions):
                 await server.start()
                 self.mllp[server.name] = server
+        await self._start_dicom()
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
+
+    async def _start_dicom(self) -> None:
+        """DICOM listeners (in this process, whatever `acceptors` says) and study assembly."""
+        from engine.dicom_intake import dicom_servers
+        from engine.study_assembly import StudyAssembler
+
+        assert self.store is not None and self.ingestor is not None
+        self.studies = StudyAssembler(self.store, self.ingestor, self.config.dicom.study_quiet_period)
+        await self.studies.start()
+        loop = asyncio.get_running_loop()
+        ctx = functools.partial(server_ssl_context, config=self.config)
+        for server in dicom_servers(self.config.listeners.dicom, self.ingestor, self.store.blobs, loop, ctx):
+            await server.start()
+            self.dicom[server.name] = server
 
     def port_of(self, name: str) -> int:
         """The port a listener is bound to (useful when the config says 0)."""
         if name in self.mllp:
             return self.mllp[name].bound_port
+        if name in self.dicom:
+            return int(self.dicom[name].bound_port)
         return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
 
     async def stop(self) -> None:
@@ -190,6 +209,11 @@ class RelaisApp:
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()
+        for dicom in self.dicom.values():
+            await dicom.stop()
+        self.dicom.clear()
+        if self.studies is not None:
+            await self.studies.stop()
         if self.indexer is not None:
             await self.indexer.stop()
         if self.router is not None:

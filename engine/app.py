@@ -87,6 +87,7 @@ class RelaisApp:
         self.listening = config
         self.dicom: dict[str, Any] = {}  # name -> connectors.dicom.DicomServer
         self.studies: Any = None  # engine.study_assembly.StudyAssembler
+        self.study_router: Any = None  # engine.study_router.StudyRouter
 
     @property
     def routes_dir(self) -> Path:
@@ -95,13 +96,17 @@ class RelaisApp:
     def _targets(self, channels: list[Channel]) -> dict[tuple[str, str], Target]:
         from connectors.registry import build_destination
 
-        return {
+        targets = {
             (channel.name, spec.name): Target(
                 spec, build_destination(spec.name, spec.type, spec.settings, channel.path.parent)
             )
             for channel in channels
             for spec in channel.destinations
         }
+        for target in targets.values():  # DICOM destinations read a study's instances from the store
+            if hasattr(target.destination, "payload_loader") and self.store is not None:
+                target.destination.payload_loader = self.store.payload
+        return targets
 
     async def reload_routes(self) -> list[str]:
         """Load routes/ again; a bad file is refused and the running routes stay."""
@@ -111,6 +116,8 @@ class RelaisApp:
         old = self.delivery.targets
         self.delivery.reload(self._targets(channels))
         self.router.reload(channels)
+        if self.study_router is not None:
+            self.study_router.reload(channels)
         for target in old.values():
             await target.destination.close()
         log.info("routes_reloaded", channels=[c.name for c in channels])
@@ -185,6 +192,11 @@ class RelaisApp:
         assert self.store is not None and self.ingestor is not None
         self.studies = StudyAssembler(self.store, self.ingestor, self.config.dicom.study_quiet_period)
         await self.studies.start()
+        if self.router is not None:
+            from engine.study_router import StudyRouter
+
+            self.study_router = StudyRouter(self.store, self.ingestor, self.router.channels)
+            await self.study_router.start()
         loop = asyncio.get_running_loop()
         ctx = functools.partial(server_ssl_context, config=self.config)
         for server in dicom_servers(self.config.listeners.dicom, self.ingestor, self.store.blobs, loop, ctx):
@@ -214,6 +226,8 @@ class RelaisApp:
         self.dicom.clear()
         if self.studies is not None:
             await self.studies.stop()
+        if self.study_router is not None:
+            await self.study_router.stop()
         if self.indexer is not None:
             await self.indexer.stop()
         if self.router is not None:

@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from connectors.dicom import OUT_OF_RESOURCES, DicomServer, StoreRequest
 from engine.config import DicomListener
+from engine.dicom_header import scan_header
 from engine.ingest import IngestUnavailable, Receipt, Submission, Submitter, Verdict
 from event_store import Event, PayloadRef
 from event_store.blobs import BlobStore
@@ -71,6 +72,9 @@ def submit_from_thread(
 
 def read_header(path: Path) -> dict[str, str]:
     """The identifying attributes of a DICOM file (InvalidDicomError and friends if unreadable)."""
+    found = scan_header(path)
+    if found is not None:
+        return found
     ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     return {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS}
 

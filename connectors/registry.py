@@ -238,11 +238,37 @@ def _build_mqtt(name: str, s: MqttSettings) -> Destination:
                            keepalive=s.keepalive, body=s.body)  # fmt: skip
 
 
+class DicomStoreSettings(_TlsSettings):
+    """A DICOM node that receives studies by C-STORE (we are the SCU)."""
+
+    host: str = Field(min_length=1)
+    port: int = Port
+    called_ae: str = Field(min_length=1, max_length=16)
+    calling_ae: str = Field(default="RELAIS", min_length=1, max_length=16)
+    timeout: float = Field(default=30.0, gt=0, le=3600)
+    max_pdu: int = Field(default=1024 * 1024, ge=16 * 1024)
+    server_hostname: str | None = None
+    # The receiver's patient-identifier domain: our PatientID -> theirs, and their issuer.
+    patient_id_map: dict[str, str] = Field(default_factory=dict)
+    issuer_of_patient_id: str | None = None
+    unmapped_patient: Literal["keep", "fail"] = "keep"
+
+
+def _build_dicom(name: str, s: DicomStoreSettings) -> Destination:
+    from connectors.dicom_out import DicomDestination
+
+    return DicomDestination(name, s.host, s.port, s.called_ae, calling_ae=s.calling_ae, timeout=s.timeout,
+                            max_pdu=s.max_pdu, patient_id_map=s.patient_id_map,
+                            issuer_of_patient_id=s.issuer_of_patient_id, unmapped_patient=s.unmapped_patient,
+                            ssl_context=s.ssl_context(), server_hostname=s.server_hostname)  # fmt: skip
+
+
 KINDS: dict[str, DestinationKind[Any]] = {
     "mllp": DestinationKind(MllpSettings, _build_mllp),
     "http": DestinationKind(HttpSettings, _build_http),
     "file": DestinationKind(FileSettings, _build_file),
     "mqtt": DestinationKind(MqttSettings, _build_mqtt),
+    "dicom": DestinationKind(DicomStoreSettings, _build_dicom),
 }
 
 

@@ -88,6 +88,9 @@ class RelaisApp:
         self.gateway: IngestGateway | None = None
         self.acceptors: AcceptorPool | None = None
         self.listening = config
+        self.dicom: dict[str, Any] = {}  # name -> connectors.dicom.DicomServer
+        self.studies: Any = None  # engine.study_assembly.StudyAssembler
+        self.study_router: Any = None  # engine.study_router.StudyRouter
 
     @property
     def routes_dir(self) -> Path:
@@ -107,6 +110,9 @@ class RelaisApp:
             if isinstance(target.destination, IdentityDestination):  # writes a read model: needs the engine
                 assert self.store is not None and self.ingestor is not None
                 target.destination.bind(self.store, self.ingestor)
+        for target in targets.values():  # DICOM destinations read a study's instances from the store
+            if hasattr(target.destination, "payload_loader") and self.store is not None:
+                target.destination.payload_loader = self.store.payload
         return targets
 
     async def reload_routes(self) -> list[str]:
@@ -117,6 +123,8 @@ class RelaisApp:
         old = self.delivery.targets
         self.delivery.reload(self._targets(channels))
         self.router.reload(channels)
+        if self.study_router is not None:
+            self.study_router.reload(channels)
         for target in old.values():
             await target.destination.close()
         log.info("routes_reloaded", channels=[c.name for c in channels])
@@ -185,8 +193,28 @@ class RelaisApp:
                               server_ssl_context(http_listener.tls, cfg) if http_listener.tls else None)  # fmt: skip
             self.http[rest.name] = rest
             await rest.start()
+        await self._start_dicom()
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
+
+    async def _start_dicom(self) -> None:
+        """DICOM listeners (in this process, whatever `acceptors` says) and study assembly."""
+        from engine.dicom_intake import dicom_servers
+        from engine.study_assembly import StudyAssembler
+
+        assert self.store is not None and self.ingestor is not None
+        self.studies = StudyAssembler(self.store, self.ingestor, self.config.dicom.study_quiet_period)
+        await self.studies.start()
+        if self.router is not None:
+            from engine.study_router import StudyRouter
+
+            self.study_router = StudyRouter(self.store, self.ingestor, self.router.channels)
+            await self.study_router.start()
+        loop = asyncio.get_running_loop()
+        ctx = functools.partial(server_ssl_context, config=self.config)
+        for server in dicom_servers(self.config.listeners.dicom, self.ingestor, self.store.blobs, loop, ctx):
+            await server.start()
+            self.dicom[server.name] = server
 
     def port_of(self, name: str) -> int:
         """The port a listener is bound to (useful when the config says 0)."""
@@ -194,6 +222,8 @@ class RelaisApp:
             return self.mllp[name].bound_port
         if name in self.http:
             return self.http[name].bound_port
+        if name in self.dicom:
+            return int(self.dicom[name].bound_port)
         return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
 
     async def stop(self) -> None:
@@ -209,6 +239,13 @@ class RelaisApp:
         for rest in self.http.values():
             await rest.stop()
         self.http.clear()
+        for dicom in self.dicom.values():
+            await dicom.stop()
+        self.dicom.clear()
+        if self.studies is not None:
+            await self.studies.stop()
+        if self.study_router is not None:
+            await self.study_router.stop()
         if self.indexer is not None:
             await self.indexer.stop()
         if self.router is not None:

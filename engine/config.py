@@ -14,7 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.toml_files import describe_validation_error, read_toml
 
-__all__ = ["ConfigError", "HttpListener", "HttpToken", "MllpListener", "RelaisConfig", "TlsSettings", "load_config"]
+__all__ = [
+    "ConfigError",
+    "DicomListener",
+    "HttpListener",
+    "HttpToken",
+    "MllpListener",
+    "RelaisConfig",
+    "TlsSettings",
+    "load_config",
+]
 
 DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"]
 
@@ -106,9 +115,33 @@ class HttpListener(_Strict):
     tokens: list[HttpToken] = Field(default_factory=list)
 
 
+class DicomListener(_Strict):
+    """A DICOM C-STORE/C-ECHO receiver (storage SCP): one AE title on one port."""
+
+    name: str = "dicom"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    ae_title: str = Field("RELAIS", min_length=1, max_length=16)
+    allowed_calling_aets: list[str] = Field(default_factory=list, description="empty: any calling AE title")
+    allowed_peers: list[str] = Field(default_factory=list, description="CIDR; empty = all")
+    max_pdu: int = Field(1024 * 1024, ge=128 * 1024, description="maximum PDU length we accept, bytes")
+    max_associations: int = Field(32, gt=0)
+    network_timeout: float = Field(60.0, gt=0, description="seconds without a byte before closing")
+    store_timeout: float = Field(30.0, gt=0, description="seconds to wait for the commit before 0xA700")
+    tls: TlsSettings | None = None
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            ipaddress.ip_network(cidr, strict=False)
+        return v
+
+
 class Listeners(_Strict):
     mllp: list[MllpListener] = Field(default_factory=lambda: [MllpListener()])
     http: list[HttpListener] = Field(default_factory=list)
+    dicom: list[DicomListener] = Field(default_factory=list)
 
 
 class StoreSettings(_Strict):
@@ -142,12 +175,21 @@ class RoutingSettings(_Strict):
     delivery_concurrency: int = Field(32, gt=0)
 
 
+class DicomSettings(_Strict):
+    """Study assembly, whatever the listener the instances came by."""
+
+    study_quiet_period: float = Field(
+        60.0, gt=0, description="seconds without a new instance before a study is complete"
+    )
+
+
 class RelaisConfig(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     listeners: Listeners = Field(default_factory=Listeners)
     log: LogSettings = Field(default_factory=LogSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
     base_dir: Path = Path(".")
 
     def resolve(self, path: Path) -> Path:
@@ -168,8 +210,10 @@ def load_config(path: Path) -> RelaisConfig:
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e, path)) from e
     names = [listener.name for listener in config.listeners.mllp]
+    names += [listener.name for listener in config.listeners.dicom]
+    names += [listener.name for listener in config.listeners.http]
     if len(names) != len(set(names)):
-        raise ConfigError(f"{path}: listeners.mllp: listener names must be unique (got {names})")
+        raise ConfigError(f"{path}: listeners: listener names must be unique (got {names})")
     for http in config.listeners.http:
         clients = [token.name for token in http.tokens]
         if len(clients) != len(set(clients)) or len({t.sha256 for t in http.tokens}) != len(clients):

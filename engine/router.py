@@ -164,6 +164,8 @@ class Router(LogFollower):
                 continue  # refused at the edge: answered already, nothing to route
             record = store.decode(note)
             received = record.event
+            if received.get("protocol") == "dicom":
+                continue  # DICOM instances are routed as studies, once complete (engine/study_router.py)
             raw = store.payload(received["payload"]["sha256"])
             plan = plan_routes(channels, message_id, note.id, received, raw, store.inline_limit)
             appendix.events.append((message_id, plan.routed))

@@ -144,7 +144,7 @@ class DestinationSpec(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-SourceKind = Literal["hl7", "dicom", "mail", "document", "rest"]
+SourceKind = Literal["hl7", "dicom", "dicom-study", "mail", "document", "rest"]
 
 
 class Source(_Strict):

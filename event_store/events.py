@@ -203,3 +203,45 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 def topic_of(event: Event) -> str:
     return f"relais.{type(event).__name__}"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceReceived(Event):
+    """A DICOM instance stored by C-STORE (follows its MessageReceived): the identifiers the
+    edge read from it and who sent it. A SOP Instance UID that came before with other bytes
+    is a new version: its MessageReceived carries the flag `control_id_reused`."""
+
+    calling_ae: str
+    called_ae: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    modality: str
+    accession_number: str
+    transfer_syntax: str
+    size: int
+    sha256: str
+    institution_name: str = ""
+    referring_facility: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StudyCompleted(Event):
+    """No instance of the study arrived for the quiet period: what it holds now (on the
+    study's own stream; a study that receives more later completes again)."""
+
+    study_instance_uid: str
+    series: list[dict[str, Any]]
+    instances: int
+    size: int
+    metadata: dict[str, Any]
+    manifest: PayloadRef  # JSON list of the instances (SOP Instance UID, series, payload hash, size)
+    position: int  # log position of the last InstanceReceived it covers
+
+
+# DICOM (appended apart so the registry above stays as it was).
+EVENT_TYPES.update({f"relais.{cls.__name__}": cls for cls in (InstanceReceived, StudyCompleted)})
+__all__ += ["InstanceReceived", "StudyCompleted"]

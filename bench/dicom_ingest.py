@@ -1,0 +1,225 @@
+"""DICOM C-STORE ingest benchmark: instances/s of Relais, Orthanc and DCMTK storescp on the
+same data in the same run (small ~39 KB and large ~0.5 MB instances, 1 and 4 associations).
+
+The load is DCMTK `storescu` (one process per association, TCP_NODELAY=1); each server runs
+as its own process on loopback with its default durable settings.
+
+    .venv/bin/python bench/dicom_ingest.py [--small 400] [--large 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_instances(folder: Path, count: int, large: bool, associations: int) -> list[Path]:
+    """`count` CT instances with new UIDs in one study, spread over `associations` folders."""
+    source = get_testdata_file("CT_small.dcm")
+    assert source is not None
+    ds = dcmread(source)
+    if large:  # 512 x 512 x 16 bit: ~0.5 MB
+        ds.Rows = ds.Columns = 512
+        ds.PixelData = random.Random(7).randbytes(512 * 512 * 2)
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    dirs = [folder / f"assoc{i}" for i in range(associations)]
+    for d in dirs:
+        d.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = dirs[i % associations] / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return dirs
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout}s")
+
+
+@contextmanager
+def running(cmd: list[str], port: int, log: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=ENV, start_new_session=True)
+        try:
+            wait_listening(proc, port)
+            time.sleep(0.5)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def relais_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
+    (home / "config.toml").write_text(
+        f"""[store]
+url = "sqlite:///data/relais.db"
+blob_dir = "data/blobs"
+
+[routing]
+enabled = false
+
+[log]
+level = "warning"
+
+[listeners]
+mllp = []
+
+[[listeners.dicom]]
+name = "bench"
+host = "127.0.0.1"
+port = {port}
+ae_title = "RELAIS"
+""",
+        encoding="utf-8",
+    )
+
+    def count() -> int:
+        with sqlite3.connect(home / "data" / "relais.db") as db:
+            return int(db.execute("SELECT count(*) FROM relais_messages WHERE status = 'accepted'").fetchone()[0])
+
+    return [str(BIN / "relais"), "--config", str(home / "config.toml"), "run"], "RELAIS", count
+
+
+def orthanc_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(home / "storage"),
+        "IndexDirectory": str(home / "index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "HttpPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+    }
+    (home / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
+    return ["Orthanc", str(home / "orthanc.json")], "ORTHANC", lambda: -1
+
+
+def storescp_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
+    out = home / "received"
+    out.mkdir()
+    cmd = ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)]
+    return cmd, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+
+
+SERVERS = {"relais": relais_server, "orthanc": orthanc_server, "storescp": storescp_server}
+
+
+def send(port: int, called: str, dirs: list[Path]) -> tuple[float, int]:
+    """One storescu per folder, all at once; (seconds until the last one finished, failures)."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "+sd", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), str(d)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
+        for d in dirs
+    ]
+    failures = 0
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            failures += 1
+            sys.stderr.write(err.decode(errors="replace")[-500:])
+    return time.perf_counter() - start, failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=400, help="small instances per case")
+    parser.add_argument("--large", type=int, default=200, help="large instances per case")
+    parser.add_argument("--servers", default="relais,orthanc,storescp")
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp", "Orthanc"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (apt-get install dcmtk orthanc)", file=sys.stderr)
+            return 2
+    cases = [("small", 1), ("small", 4), ("large", 1), ("large", 4)]
+    results: dict[tuple[str, str, int], float] = {}
+    with tempfile.TemporaryDirectory(prefix="relais-dicom-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = {}
+        for size, assoc in cases:
+            count = args.small if size == "small" else args.large
+            folder = tmp / "data" / f"{size}{assoc}"
+            data[(size, assoc)] = (make_instances(folder, count, size == "large", assoc), count)
+        warm = make_instances(tmp / "data" / "warm", 8, False, 1)
+        for name in args.servers.split(","):
+            home = tmp / name
+            home.mkdir()
+            port = free_port()
+            cmd, called, count_stored = SERVERS[name](home, port)
+            with running(cmd, port, home / "server.log", home):
+                send(port, called, warm)
+                for size, assoc in cases:
+                    dirs, count = data[(size, assoc)]
+                    seconds, failures = send(port, called, dirs)
+                    rate = count / seconds if not failures else float("nan")
+                    results[(name, size, assoc)] = rate
+                    print(f"  {name:9} {size:5} x{assoc}: {count} in {seconds:.2f} s = {rate:.0f}/s", file=sys.stderr)
+                stored = count_stored()
+                if stored >= 0:
+                    expected = 8 + sum(c for _, c in data.values())
+                    print(f"  {name}: {stored} instances stored of {expected} sent", file=sys.stderr)
+    names = args.servers.split(",")
+    print(f"\n{'case':<18}" + "".join(f"{n:>11}" for n in names) + "  relais/orthanc")
+    for size, assoc in cases:
+        row = [results.get((n, size, assoc), float("nan")) for n in names]
+        ratio = results.get(("relais", size, assoc), float("nan")) / results.get(("orthanc", size, assoc), float("nan"))
+        label = f"{size} ({'~39 KB' if size == 'small' else '~0.5 MB'}), {assoc} assoc"
+        print(f"{label:<18}" + "".join(f"{r:>11.0f}" for r in row) + f"  {ratio:>13.2f}x")
+    print("(instances/s; storescu with TCP_NODELAY=1, one process per association)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""DICOM intake: a spooled C-STORE file becomes a durable blob, a `Submission` and a status.
+
+Runs on pynetdicom's association threads; `submit_from_thread` is the one place where
+they cross into the engine's event loop. Success (0x0000) only once the event committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from connectors.dicom import OUT_OF_RESOURCES, DicomServer, StoreRequest
+from engine.config import DicomListener
+from engine.dicom_header import scan_header
+from engine.ingest import IngestUnavailable, Receipt, Submission, Submitter, Verdict
+from event_store import Event, PayloadRef
+from event_store.blobs import BlobStore
+from event_store.events import InstanceReceived
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "DATASET_MISMATCH",
+    "SUCCESS",
+    "DicomIntake",
+    "dicom_servers",
+    "read_header",
+    "submit_from_thread",
+]
+
+log = structlog.get_logger("relais.dicom_intake")
+
+SUCCESS = 0x0000
+DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
+CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+
+# What is read from each instance (the header only: reading stops before the pixels).
+_HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
+    "IssuerOfPatientID", "Modality", "AccessionNumber", "InstitutionName", "RequestingService",
+    "StudyDate", "SeriesNumber",
+]  # fmt: skip
+
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def submit_from_thread(
+    ingestor: Submitter, loop: asyncio.AbstractEventLoop, submission: Submission, timeout: float
+) -> Receipt:
+    """From a pynetdicom thread: wait until the submission is durable on the engine's loop.
+    Raises IngestUnavailable (store down, engine stopping, or no answer within `timeout`)."""
+    future = asyncio.run_coroutine_threadsafe(ingestor.submit(submission), loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError as e:
+        future.cancel()
+        raise IngestUnavailable("no commit within the store timeout") from e
+    except RuntimeError as e:  # the loop is closed: the engine is stopping
+        raise IngestUnavailable(str(e)) from e
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The identifying attributes of a DICOM file (InvalidDicomError and friends if unreadable)."""
+    found = scan_header(path)
+    if found is not None:
+        return found
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    return {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS}
+
+
+class DicomIntake:
+    """The C-STORE handler of one DICOM listener."""
+
+    def __init__(
+        self, listener: DicomListener, ingestor: Submitter, blobs: BlobStore, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.listener = listener
+        self.ingestor = ingestor
+        self.blobs = blobs
+        self.loop = loop
+
+    def on_store(self, req: StoreRequest) -> int:
+        """On pynetdicom's thread: take the spooled file, commit it, answer a DIMSE status."""
+        try:
+            spooled = self._take(req.path)
+        except OSError as e:
+            log.error("dicom_spool_failed", listener=self.listener.name, error=type(e).__name__)
+            return OUT_OF_RESOURCES
+        try:
+            header: dict[str, str] | None = read_header(spooled)
+        except (InvalidDicomError, NotImplementedError, ValueError, KeyError, TypeError, EOFError, OSError):
+            header = None
+        verdict = _verdict(req, header)
+        try:
+            sha256, size = self.blobs.adopt(spooled)
+        except OSError as e:  # disk full, say: nothing was stored
+            spooled.unlink(missing_ok=True)
+            log.error("dicom_blob_failed", listener=self.listener.name, error=type(e).__name__)
+            return OUT_OF_RESOURCES
+        ref = PayloadRef(sha256, size, "application/dicom", inline=False)
+        submission = self._submission(req, header or {}, verdict, ref)
+        try:
+            receipt = submit_from_thread(self.ingestor, self.loop, submission, self.listener.store_timeout)
+        except IngestUnavailable as e:
+            log.error("dicom_not_stored", listener=self.listener.name, error=str(e)[:120])
+            return OUT_OF_RESOURCES
+        if receipt.duplicate:
+            log.info("dicom_duplicate", listener=self.listener.name, message_id=str(receipt.message_id))
+        elif receipt.flags:
+            log.warning("dicom_new_version", listener=self.listener.name, message_id=str(receipt.message_id),
+                        flags=list(receipt.flags))  # fmt: skip
+        if receipt.verdict.status == "accepted":
+            return SUCCESS
+        return int(receipt.verdict.ack_code, 16)
+
+    def _take(self, path: Path) -> Path:
+        """Move pynetdicom's temporary file into the blob store's spool (a rename when they
+        share a file system): from there `adopt` makes it a blob without another copy."""
+        target = self.blobs.spool / f"{uuid.uuid4().hex}.{os.getpid()}.dcm"
+        try:
+            os.replace(path, target)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(path, target)
+        return target
+
+    def _submission(self, req: StoreRequest, header: dict[str, str], verdict: Verdict, ref: PayloadRef) -> Submission:
+        accepted = verdict.status == "accepted"
+        metadata: dict[str, Any] = {
+            "calling_ae": req.calling_ae,
+            "called_ae": req.called_ae,
+            "sending_application": req.calling_ae,
+            "sop_class_uid": header.get("SOPClassUID") or req.sop_class_uid,
+            "sop_instance_uid": header.get("SOPInstanceUID") or req.sop_instance_uid,
+            "study_instance_uid": header.get("StudyInstanceUID", ""),
+            "series_instance_uid": header.get("SeriesInstanceUID", ""),
+            "modality": header.get("Modality", ""),
+            "accession_number": header.get("AccessionNumber", ""),
+            "institution_name": header.get("InstitutionName", ""),
+            "referring_facility": header.get("RequestingService", ""),
+            "transfer_syntax": req.transfer_syntax,
+        }
+        if header.get("PatientID"):
+            metadata["patient_identifiers"] = [
+                {"id": header["PatientID"], "authority": header.get("IssuerOfPatientID", ""), "type": "PI"}
+            ]
+        events: list[Event] = []
+        if accepted:
+            events.append(
+                InstanceReceived(
+                    datetime.now(UTC).isoformat(timespec="microseconds"),
+                    req.calling_ae,
+                    req.called_ae,
+                    metadata["sop_class_uid"],
+                    metadata["sop_instance_uid"],
+                    metadata["study_instance_uid"],
+                    metadata["series_instance_uid"],
+                    header.get("PatientID", ""),
+                    header.get("IssuerOfPatientID", ""),
+                    metadata["modality"],
+                    metadata["accession_number"],
+                    req.transfer_syntax,
+                    ref.size,
+                    ref.sha256,
+                    metadata["institution_name"],
+                    metadata["referring_facility"],
+                )
+            )
+        return Submission(
+            listener=self.listener.name,
+            protocol="dicom",
+            peer=req.peer,
+            payload=b"",
+            content_type="application/dicom",
+            # SOP Instance UIDs are globally unique whoever sends them (a PACS resending what
+            # the modality sent is the same instance): no sender in the key. Refusals have no
+            # key, so a corrected resend is a plain new instance.
+            sender="",
+            control_id=metadata["sop_instance_uid"] if accepted else "",
+            message_type="DICOM",
+            trigger_event="C-STORE",
+            metadata=metadata,
+            verdict=verdict,
+            events=events,
+            stored_payload=ref,
+        )
+
+
+def _verdict(req: StoreRequest, header: dict[str, str] | None) -> Verdict:
+    uids = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    if header is None or not any(header[k] for k in uids):
+        return Verdict("reject", f"{CANNOT_UNDERSTAND:04X}", "", "dataset cannot be read as DICOM")
+    if any(header[k] and not _UID.fullmatch(header[k]) for k in uids):
+        return Verdict("reject", f"{CANNOT_UNDERSTAND:04X}", "", "an identifying UID is not a UID")
+    if not header["SOPClassUID"] or header["SOPClassUID"] != req.sop_class_uid:
+        return Verdict("reject", f"{DATASET_MISMATCH:04X}", "", "SOP Class UID differs from the C-STORE request",
+                       "(0008,0016)")  # fmt: skip
+    if not header["SOPInstanceUID"] or header["SOPInstanceUID"] != req.sop_instance_uid:
+        return Verdict("reject", f"{DATASET_MISMATCH:04X}", "", "SOP Instance UID differs from the C-STORE request",
+                       "(0008,0018)")  # fmt: skip
+    if not header["StudyInstanceUID"]:
+        return Verdict("reject", f"{DATASET_MISMATCH:04X}", "", "Study Instance UID is missing", "(0020,000D)")
+    return Verdict()
+
+
+def dicom_servers(
+    listeners: list[DicomListener],
+    ingestor: Submitter,
+    blobs: BlobStore,
+    loop: asyncio.AbstractEventLoop,
+    ssl_context_of: Any,
+) -> list[DicomServer]:
+    """The DICOM listeners of the config, each with its intake (not started)."""
+    return [
+        DicomServer(
+            name=listener.name,
+            host=listener.host,
+            port=listener.port,
+            ae_title=listener.ae_title,
+            handler=DicomIntake(listener, ingestor, blobs, loop).on_store,
+            allowed_calling_aets=listener.allowed_calling_aets,
+            allowed_peers=listener.allowed_peers,
+            max_pdu=listener.max_pdu,
+            max_associations=listener.max_associations,
+            network_timeout=listener.network_timeout,
+            ssl_context=ssl_context_of(listener.tls) if listener.tls else None,
+        )
+        for listener in listeners
+    ]

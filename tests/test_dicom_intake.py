@@ -1,0 +1,164 @@
+"""The DICOM listener with clients we did not write: DCMTK echoscu/storescu and pynetdicom's SCU.
+Success only after the instance is durable; duplicates, new versions and refusals are recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample
+
+
+def topics(store: Any) -> list[str]:
+    return [e.topic for e in store.read_log()]
+
+
+def scu(port: int, calling: str = "MODALITY", called: str = "RELAIS") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    return assoc
+
+
+def test_echoscu_gets_success(relais) -> None:
+    running = relais(listeners=dicom_listeners())
+    done = dcmtk("echoscu", "-aec", "RELAIS", "127.0.0.1", running.app.port_of("dicom"))
+    assert done.returncode == 0, done.stderr
+
+
+def test_storescu_instances_are_stored_with_their_identifiers(relais, tmp_path: Path) -> None:
+    """CT, MR and its RLE / JPEG 2000 variants, JPEG, a multi-frame US and an SR, in one
+    association, each in the transfer syntax it was written in."""
+    running = relais(listeners=dicom_listeners())
+    study = generate_uid()
+    files = [sample(name, tmp_path / "in", study_uid=study, AccessionNumber="ACC42") for name in SAMPLES]
+    port = running.app.port_of("dicom")
+    # storescu proposes one compressed transfer syntax per run (and converts nothing): one run
+    # per kind, so each file travels in the syntax it was written in.
+    proposal = {"1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.50": "-xy"}
+    runs: dict[str, list[Path]] = {}
+    for path in files:
+        runs.setdefault(proposal.get(dcmread(path).file_meta.TransferSyntaxUID, "-xe"), []).append(path)
+    for option, group in runs.items():
+        done = dcmtk("storescu", "-R", option, "-aet", "MODALITY", "-aec", "RELAIS", "127.0.0.1", port, *group)
+        assert done.returncode == 0, done.stderr
+    store = running.store
+    received = [e for e in store.read_log() if e.topic == "relais.InstanceReceived"]
+    assert len(received) == len(files)
+    by_uid = {e.event["sop_instance_uid"]: e for e in received}
+    for path in files:
+        original = dcmread(path)
+        event = by_uid[original.SOPInstanceUID].event
+        assert event["study_instance_uid"] == study
+        assert event["series_instance_uid"] == original.SeriesInstanceUID
+        assert event["patient_id"] == "IPP12345" and event["accession_number"] == "ACC42"
+        assert event["calling_ae"] == "MODALITY" and event["modality"] == original.Modality
+        assert event["transfer_syntax"] == original.file_meta.TransferSyntaxUID
+        stored = dcmread(store.blobs.path_of(event["sha256"]))
+        if "PixelData" in original:
+            assert stored.PixelData == original.PixelData
+        else:
+            assert stored.ContentSequence == original.ContentSequence
+
+
+def test_pynetdicom_resend_is_a_duplicate_and_other_content_a_flagged_version(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners())
+    path = sample("CT_small.dcm", tmp_path)
+    ds = dcmread(path)
+    assoc = scu(running.app.port_of("dicom"))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000  # resent after a lost response
+        ds.SeriesDescription = "corrected"
+        assert assoc.send_c_store(ds).Status == 0x0000  # same SOP Instance UID, other content
+    finally:
+        assoc.release()
+    store = running.store
+    assert topics(store).count("relais.InstanceReceived") == 2
+    assert topics(store).count("relais.DuplicateReceived") == 1
+    flags = [e.event["flags"] for e in store.read_log() if e.topic == "relais.MessageReceived"]
+    assert flags == [[], ["control_id_reused"]]
+
+
+def _send_file(port: int, path: Path) -> int:
+    """Send a file's bytes as they are (the file meta names the SOP class and instance)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = scu(port)
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    return int(status.Status)
+
+
+def test_dataset_that_does_not_match_its_request_gets_A900_and_is_recorded(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners())
+    path = sample("CT_small.dcm", tmp_path)
+    ds = dcmread(path)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the request will name another instance
+    ds.save_as(path)
+    assert _send_file(running.app.port_of("dicom"), path) == 0xA900
+    store = running.store
+    assert topics(store) == ["relais.MessageReceived", "relais.MessageRejected"]
+    rejected = store.query("SELECT status, ack_code FROM relais_messages")
+    assert rejected == [{"status": "reject", "ack_code": "A900"}]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the junk it reads
+def test_unreadable_dataset_gets_cannot_understand(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners())
+    path = sample("CT_small.dcm", tmp_path)
+    raw = path.read_bytes()
+    meta_end = 144 + int.from_bytes(raw[140:144], "little")  # after the file meta group
+    port = running.app.port_of("dicom")
+    for junk in (b"\x08\x00\x16\x00ZZ\x04\x00abcd", b"\x08\x00\x16\x00UI\xff\x7f" + b"junk" * 10, b"\xff" * 50):
+        path.write_bytes(raw[:meta_end] + junk)  # no VR like that; a length past the end; noise
+        assert _send_file(port, path) == 0xC000
+    assert topics(running.store).count("relais.MessageRejected") == 3
+
+
+def test_store_down_answers_out_of_resources_and_stores_nothing(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners())
+    assert running.app.ingestor is not None
+    running.loop_call(running.app.ingestor.stop())  # the writer is gone: nothing can commit
+    ds = dcmread(sample("CT_small.dcm", tmp_path))
+    assoc = scu(running.app.port_of("dicom"))
+    try:
+        assert assoc.send_c_store(ds).Status == 0xA700
+    finally:
+        assoc.release()
+    assert topics(running.store) == []
+
+
+def test_unknown_calling_ae_title_is_refused(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners(allowed_calling_aets=["MODALITY"]))
+    port = running.app.port_of("dicom")
+    refused = scu(port, calling="INTRUDER")
+    assert refused.is_rejected
+    done = dcmtk("echoscu", "-aet", "MODALITY", "-aec", "RELAIS", "127.0.0.1", port)
+    assert done.returncode == 0, done.stderr
+
+
+def test_peer_outside_allowed_networks_is_dropped(relais) -> None:
+    running = relais(listeners=dicom_listeners(allowed_peers=["10.0.0.0/8"]))
+    done = dcmtk("echoscu", "-to", "5", "-aec", "RELAIS", "127.0.0.1", running.app.port_of("dicom"))
+    assert done.returncode != 0
+
+
+def test_wrong_called_ae_title_is_refused(relais) -> None:
+    running = relais(listeners=dicom_listeners())
+    assoc = scu(running.app.port_of("dicom"), called="WRONG")
+    assert not assoc.is_established

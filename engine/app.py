@@ -79,6 +79,7 @@ class RelaisApp:
         self.store: EventStore | None = None
         self.ingestor: Ingestor | None = None
         self.mllp: dict[str, MllpServer] = {}
+        self.smtp: dict[str, Any] = {}  # name -> connectors.smtp.SmtpServer
         self.router: Router | None = None
         self.delivery: DeliveryWorkers | None = None
         self.indexer: SearchIndexer | None = None
@@ -171,6 +172,13 @@ class RelaisApp:
             for server in listener_servers(cfg, self.ingestor, decisions):
                 await server.start()
                 self.mllp[server.name] = server
+        if cfg.listeners.smtp:
+            from engine.smtp_setup import smtp_servers
+
+            data_dir = cfg.resolve(cfg.store.blob_dir).parent
+            for smtp in await asyncio.to_thread(smtp_servers, cfg, self.ingestor, data_dir):
+                await smtp.start()
+                self.smtp[smtp.name] = smtp
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
@@ -178,6 +186,8 @@ class RelaisApp:
         """The port a listener is bound to (useful when the config says 0)."""
         if name in self.mllp:
             return self.mllp[name].bound_port
+        if name in self.smtp:
+            return int(self.smtp[name].bound_port)
         return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
 
     async def stop(self) -> None:
@@ -187,6 +197,9 @@ class RelaisApp:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        for smtp in self.smtp.values():
+            await smtp.stop()
+        self.smtp.clear()
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()

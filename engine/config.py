@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.toml_files import describe_validation_error, read_toml
 
-__all__ = ["ConfigError", "MllpListener", "RelaisConfig", "TlsSettings", "load_config"]
+__all__ = ["ConfigError", "MllpListener", "RelaisConfig", "SmtpAccount", "SmtpListener", "TlsSettings", "load_config"]
 
 DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"]
 
@@ -84,8 +84,39 @@ class MllpListener(_Strict):
         return v
 
 
+class SmtpAccount(_Strict):
+    """A client allowed to submit mail; the password is kept only as a hash
+    (`relais hash-password`: `scrypt$n$r$p$salt$hash` or `pbkdf2_sha256$iterations$salt$hash`)."""
+
+    user: str = Field(min_length=1)
+    password_hash: str = Field(pattern=r"^(scrypt|pbkdf2_sha256)\$")
+
+
+class SmtpListener(_Strict):
+    """MSSanté over SMTP: STARTTLS (TLS 1.2+) and AUTH are always required."""
+
+    name: str = "smtp"
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+    hostname: str = Field("relais.localhost", description="the name in the banner and EHLO answer")
+    domains: list[str] = Field(default_factory=list, description="accepted recipient domains")
+    mailboxes: list[str] = Field(
+        default_factory=list, description="accepted addresses; empty = any mailbox of `domains`"
+    )
+    max_message_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    timeout: float = Field(300.0, gt=0, description="seconds without a command before closing")
+    accounts: list[SmtpAccount] = Field(default_factory=list)
+    dev_account: bool = Field(
+        False, description="create a development account at first start and print its password once"
+    )
+    tls: TlsSettings | None = Field(
+        None, description="absent: a self-signed certificate made under the data folder (development only)"
+    )
+
+
 class Listeners(_Strict):
     mllp: list[MllpListener] = Field(default_factory=lambda: [MllpListener()])
+    smtp: list[SmtpListener] = Field(default_factory=list)
 
 
 class StoreSettings(_Strict):

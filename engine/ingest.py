@@ -72,6 +72,8 @@ class Submission:
     # Set when the edge already put the bytes in the blob store (a spooled DICOM file, say):
     # `payload` is then empty and nothing is written again.
     stored_payload: PayloadRef | None = None
+    # Further payloads its events name (the documents of a mail), stored in the same commit.
+    payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -285,6 +287,8 @@ class Ingestor:
                     )
                 )
             version = 3 if verdict.status != "accepted" else 2
+            for extra_ref, extra_data in sub.payloads:
+                batch.payloads.setdefault(extra_ref.sha256, (extra_ref, extra_data))
             for extra in sub.events:
                 batch.events.append((message_id, version, extra))
                 version += 1

@@ -80,6 +80,7 @@ class RelaisApp:
         self.ingestor: Ingestor | None = None
         self.mllp: dict[str, MllpServer] = {}
         self.smtp: dict[str, Any] = {}  # name -> connectors.smtp.SmtpServer
+        self.mail: Any = None  # engine.smtp_setup.MailServices: SMTP listeners, MDN planner and sender
         self.router: Router | None = None
         self.delivery: DeliveryWorkers | None = None
         self.indexer: SearchIndexer | None = None
@@ -173,12 +174,11 @@ class RelaisApp:
                 await server.start()
                 self.mllp[server.name] = server
         if cfg.listeners.smtp:
-            from engine.smtp_setup import smtp_servers
+            from engine.smtp_setup import MailServices
 
-            data_dir = cfg.resolve(cfg.store.blob_dir).parent
-            for smtp in await asyncio.to_thread(smtp_servers, cfg, self.ingestor, data_dir):
-                await smtp.start()
-                self.smtp[smtp.name] = smtp
+            self.mail = MailServices(cfg, self.store, self.ingestor, cfg.resolve(cfg.store.blob_dir).parent)
+            self.smtp = self.mail.servers
+            await self.mail.start()
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
@@ -197,9 +197,9 @@ class RelaisApp:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
-        for smtp in self.smtp.values():
-            await smtp.stop()
-        self.smtp.clear()
+        if self.mail is not None:
+            await self.mail.stop()
+            self.mail = None
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -112,6 +112,10 @@ class SmtpListener(_Strict):
     tls: TlsSettings | None = Field(
         None, description="absent: a self-signed certificate made under the data folder (development only)"
     )
+    mdn: dict[str, Any] | None = Field(
+        None, description="relay for MDNs (smtp destination settings: host, port, mail_from...); absent: none sent"
+    )
+    mdn_max_attempts: int = Field(10, ge=1)
 
 
 class Listeners(_Strict):

@@ -5,6 +5,7 @@ plus an optional development account whose password is printed once), intake.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import secrets
@@ -16,10 +17,13 @@ import structlog
 
 from connectors.smtp import PasswordCheck, SmtpServer, hash_password
 from engine.config import RelaisConfig, SmtpListener
-from engine.ingest import Submitter
+from engine.delivery import Target
+from engine.ingest import Ingestor, Submitter
 from engine.mail_intake import MailIntake
+from engine.mdn import MDN_CHANNEL, MdnDelivery, MdnPlanner
+from event_store import EventStore
 
-__all__ = ["DEV_USER", "dev_certificate", "smtp_servers"]
+__all__ = ["DEV_USER", "MailServices", "dev_certificate", "smtp_servers"]
 
 log = structlog.get_logger("relais.smtp")
 
@@ -116,3 +120,58 @@ def smtp_servers(cfg: RelaisConfig, ingestor: Submitter, data_dir: Path) -> list
             )
         )
     return servers
+
+
+class MailServices:
+    """The SMTP listeners and, where a listener has an MDN relay, the MDN planner and its
+    delivery workers: started and stopped together by the app."""
+
+    def __init__(self, cfg: RelaisConfig, store: EventStore, ingestor: Ingestor, data_dir: Path) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.ingestor = ingestor
+        self.data_dir = data_dir
+        self.servers: dict[str, SmtpServer] = {}
+        self.planner: MdnPlanner | None = None
+        self.delivery: MdnDelivery | None = None
+
+    def _mdn_targets(self) -> dict[tuple[str, str], Target]:
+        from connectors.registry import build_destination
+        from engine.routes import DestinationSpec
+
+        targets = {}
+        for listener in self.cfg.listeners.smtp:
+            if listener.mdn is None:
+                continue
+            spec = DestinationSpec(name=listener.name, type="smtp", ordering_key="none", on_failure="skip",
+                                   max_attempts=listener.mdn_max_attempts, settings=listener.mdn)  # fmt: skip
+            destination = build_destination(f"{listener.name}-mdn", "smtp", listener.mdn, self.cfg.base_dir)
+            targets[(MDN_CHANNEL, listener.name)] = Target(spec, destination)
+        return targets
+
+    async def start(self) -> None:
+        targets = self._mdn_targets()  # ValueError on bad settings: refuse to start
+        for smtp in await asyncio.to_thread(smtp_servers, self.cfg, self.ingestor, self.data_dir):
+            await smtp.start()
+            self.servers[smtp.name] = smtp
+        if targets:
+            senders = {
+                listener.name: (listener.hostname, str((listener.mdn or {}).get("mail_from", "")))
+                for listener in self.cfg.listeners.smtp
+                if listener.mdn is not None
+            }
+            self.planner = MdnPlanner(self.store, self.ingestor, senders)
+            self.delivery = MdnDelivery(self.store, self.ingestor, targets, concurrency=4)
+            await self.planner.start()
+            await self.delivery.start()
+
+    async def stop(self) -> None:
+        for smtp in self.servers.values():
+            await smtp.stop()
+        self.servers.clear()
+        if self.planner is not None:
+            await self.planner.stop()
+            self.planner = None
+        if self.delivery is not None:
+            await self.delivery.stop()
+            self.delivery = None

@@ -79,6 +79,12 @@ def client(port: int, wid: int, raw: bytes, start_at: float, stop_at: float, pip
     pipe.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -92,7 +98,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
     raise RuntimeError("relais did not listen in time")
 
 
-def run_one(sessions: int, raw: bytes, args: argparse.Namespace) -> tuple[int, float, float, float, int]:
+def run_one(sessions: int, raw: bytes, args: argparse.Namespace) -> tuple[int, float, float, float, int, float]:
     with tempfile.TemporaryDirectory(prefix="relais-mailbench-") as tmp:
         port = free_port()
         config = Path(tmp) / "config.toml"
@@ -101,6 +107,7 @@ def run_one(sessions: int, raw: bytes, args: argparse.Namespace) -> tuple[int, f
 [store]
 url = "sqlite:///data/relais.db"
 blob_dir = "data/blobs"
+inline_payload_limit = {args.inline_limit}
 [ingest]
 batch_window_ms = {args.batch_window_ms}
 [routing]
@@ -135,6 +142,10 @@ accounts = [{{ user = "{USER}", password_hash = "{hash_password(PASSWORD, n=2**1
                 p.start()
                 pipes.append(parent)
                 procs.append(p)
+            time.sleep(max(0.0, start_at - time.time()))
+            cpu_start = cpu_seconds(proc.pid)
+            time.sleep(max(0.0, stop_at - time.time()))
+            cpu = cpu_seconds(proc.pid) - cpu_start
             latencies: list[float] = []
             refused = 0
             for pipe in pipes:
@@ -151,7 +162,7 @@ accounts = [{{ user = "{USER}", password_hash = "{hash_password(PASSWORD, n=2**1
     n = len(latencies)
     p50 = statistics.median(latencies) * 1000 if n else 0.0
     p99 = latencies[min(n - 1, int(n * 0.99))] * 1000 if n else 0.0
-    return n, n / args.duration, p50, p99, refused
+    return n, n / args.duration, p50, p99, refused, cpu * 1000 / max(n, 1)
 
 
 def main() -> int:
@@ -161,14 +172,15 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.5)
     ap.add_argument("--attachment-kb", type=int, default=100, help="size of the XDM's PDF (default 100)")
     ap.add_argument("--batch-window-ms", type=float, default=0.0)
+    ap.add_argument("--inline-limit", type=int, default=262144, help="[store] inline_payload_limit (default 256 KB)")
     ap.add_argument("--profile", help="write Relais's cProfile stats to this file")
     args = ap.parse_args()
     raw = bench_mail(args.attachment_kb)
     print(f"mail: {len(raw) / 1024:.0f} KB on the wire (IHE_XDM.ZIP with a {args.attachment_kb} KB PDF + a CDA)")
-    print(f"{'sessions':>8} {'mails':>7} {'mails/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8}")
+    print(f"{'sessions':>8} {'mails':>7} {'mails/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'cpu ms/mail':>11}")
     for sessions in args.sessions:
-        n, rate, p50, p99, refused = run_one(sessions, raw, args)
-        print(f"{sessions:>8} {n:>7} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {refused:>8}")
+        n, rate, p50, p99, refused, cpu = run_one(sessions, raw, args)
+        print(f"{sessions:>8} {n:>7} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {refused:>8} {cpu:>11.2f}")
     return 0
 
 

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import ssl
 import weakref
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ __all__ = ["MailHandler", "PasswordCheck", "RelaisSMTP", "SmtpServer", "hash_pas
 log = structlog.get_logger("relais.smtp")
 
 END_OF_DATA = b"\r\n.\r\n"
+_SIMPLE_ADDRESS = re.compile(r"\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)>(.*)\Z", re.S)
 
 
 # -- passwords -----------------------------------------------------------------------------
@@ -104,6 +106,16 @@ class RelaisSMTP(SMTP):
     64 KB chunks instead of line by line (aiosmtpd spends most of its time there on large
     mails). Only `<CRLF>.<CRLF>` ends the data, so a bare `<LF>.<LF>` or `<LF>.<CRLF>`
     cannot smuggle a second mail; leading dots are undone per RFC 5321 4.5.2."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The common `<local@domain>` without quotes or comments, without the RFC 5322 parser
+        # (~0.2 ms a call); anything else goes to aiosmtpd's own parsing.
+        m = _SIMPLE_ADDRESS.match(arg)
+        if m is None:
+            return super()._getaddr(arg)
+        if self.local_part_limit and len(m.group(1).rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return m.group(1), m.group(2)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():

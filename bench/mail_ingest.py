@@ -120,6 +120,7 @@ mllp = []
 name = "smtp"
 port = {port}
 domains = ["relais.localhost"]
+readers = {args.readers}
 accounts = [{{ user = "{USER}", password_hash = "{hash_password(PASSWORD, n=2**12)}" }}]
 """
         )
@@ -173,6 +174,7 @@ def main() -> int:
     ap.add_argument("--attachment-kb", type=int, default=100, help="size of the XDM's PDF (default 100)")
     ap.add_argument("--batch-window-ms", type=float, default=0.0)
     ap.add_argument("--inline-limit", type=int, default=262144, help="[store] inline_payload_limit (default 256 KB)")
+    ap.add_argument("--readers", type=int, default=0, help="[[listeners.smtp]] readers processes (default 0)")
     ap.add_argument("--profile", help="write Relais's cProfile stats to this file")
     args = ap.parse_args()
     raw = bench_mail(args.attachment_kb)

@@ -116,6 +116,7 @@ class SmtpListener(_Strict):
         None, description="relay for MDNs (smtp destination settings: host, port, mail_from...); absent: none sent"
     )
     mdn_max_attempts: int = Field(10, ge=1)
+    readers: int = Field(0, ge=0, le=64, description="processes that read MIME and XDM archives; 0: on the event loop")
 
 
 class Listeners(_Strict):

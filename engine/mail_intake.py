@@ -5,6 +5,10 @@ at RCPT, the mail is read (MIME, XDM archive, INS checks) and `250` is answered 
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -165,8 +169,33 @@ class MailIntake:
         self.listener = listener
         self.ingestor = ingestor
         self.inline_limit = inline_limit
+        # Reading a mail (base64, zip, XML) is CPU work the event loop can hand to other
+        # processes; it also keeps a hostile archive away from the process that commits.
+        self.readers: ProcessPoolExecutor | None = None
         self.domains = {d.lower() for d in listener.domains}
         self.mailboxes = {m.lower() for m in listener.mailboxes}
+
+    def start_readers(self) -> None:
+        if self.listener.readers and self.readers is None:
+            self.readers = ProcessPoolExecutor(self.listener.readers, mp_context=mp.get_context("spawn"))
+
+    def stop_readers(self) -> None:
+        if self.readers is not None:
+            self.readers.shutdown(wait=True, cancel_futures=True)
+            self.readers = None
+
+    async def _read(self, raw: bytes, recipients: list[str]) -> MailReading:
+        if self.readers is None:
+            return read_submission(raw, recipients, self.inline_limit)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.readers, read_submission, raw, recipients, self.inline_limit
+            )
+        except BrokenProcessPool:
+            log.error("mail_reader_died", listener=self.listener.name)
+            self.readers = None  # a fresh pool for the next mail; this one gets a 451
+            self.start_readers()
+            raise
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -181,9 +210,9 @@ class MailIntake:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    def _submission(self, session: Session, envelope: Envelope, raw: bytes) -> Submission:
+    async def _submission(self, session: Session, envelope: Envelope, raw: bytes) -> Submission:
         recipients = list(envelope.rcpt_tos)
-        reading = read_submission(raw, recipients, self.inline_limit)
+        reading = await self._read(raw, recipients)
         received = reading.events[0]
         assert isinstance(received, MailReceived)
         account = str(session.auth_data or "")
@@ -223,7 +252,7 @@ class MailIntake:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        submission = self._submission(session, envelope, raw)
+        submission = await self._submission(session, envelope, raw)
         try:
             receipt = await self.ingestor.submit(submission)
         except IngestUnavailable:

@@ -152,8 +152,9 @@ class MailServices:
     async def start(self) -> None:
         targets = self._mdn_targets()  # ValueError on bad settings: refuse to start
         for smtp in await asyncio.to_thread(smtp_servers, self.cfg, self.ingestor, self.data_dir):
-            await smtp.start()
+            await asyncio.to_thread(smtp.handler.start_readers)
             self.servers[smtp.name] = smtp
+            await smtp.start()
         if targets:
             senders = {
                 listener.name: (listener.hostname, str((listener.mdn or {}).get("mail_from", "")))
@@ -168,6 +169,7 @@ class MailServices:
     async def stop(self) -> None:
         for smtp in self.servers.values():
             await smtp.stop()
+            await asyncio.to_thread(smtp.handler.stop_readers)
         self.servers.clear()
         if self.planner is not None:
             await self.planner.stop()

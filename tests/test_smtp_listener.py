@@ -260,3 +260,14 @@ def test_swaks_delivers_an_xdm_mail(relais, tmp_path: Path) -> None:
     docs = [e.event for e in running.store.events_of(message_id) if e.topic == "relais.DocumentSubmitted"]
     assert [d["filename"] for d in docs] == ["DOC0001.XML", "DOC0002.PDF"]
     assert DocumentSubmitted.__name__ == "DocumentSubmitted"
+
+
+def test_mails_read_in_reader_processes_give_the_same_events(relais) -> None:
+    running, port = start(relais, readers=1)
+    with session(port) as client:
+        code, reply, _ = send(client, Mail(xdm=xdm_zip()))
+        bad_code, bad_reply, _ = send(client, Mail(xdm=b"PK\x03\x04 broken"))
+    assert code == bad_code == 250
+    topics = [e.topic for e in running.store.events_of(message_id_of(reply))]
+    assert topics == ["relais.MessageReceived", "relais.MailReceived", "relais.DocumentSubmitted"]
+    assert running.store.events_of(message_id_of(bad_reply))[-1].event["code"] == "XDM-UNREADABLE"

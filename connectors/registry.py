@@ -263,12 +263,47 @@ def _build_dicom(name: str, s: DicomStoreSettings) -> Destination:
                             ssl_context=s.ssl_context(), server_hostname=s.server_hostname)  # fmt: skip
 
 
+class SmtpSettings(_TlsFiles):
+    """A mailbox on an SMTP relay (MSSanté): STARTTLS always, AUTH when `username` is set."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=587, ge=1, le=65535)
+    mail_from: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+    to: list[str] = Field(default_factory=list, description="empty: the To of a message/rfc822 payload (MDNs)")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_env: str | None = None  # read the password from this environment variable instead
+    subject: str = "Document transmis par Relais"
+    timeout: float = Field(default=30.0, gt=0, le=3600)
+    verify: bool = True  # false: accept any server certificate (test setups only)
+    helo: str | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Self:
+        if self.password is not None and self.password_env:
+            raise ValueError("password and password_env: give one of them, not both")
+        return self
+
+
+def _build_smtp(name: str, s: SmtpSettings) -> Destination:
+    from connectors.smtp_out import SmtpDestination
+
+    ctx = client_ssl_context(s.tls_ca, s.tls_cert, s.tls_key)
+    if not s.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return SmtpDestination(name, s.host, s.port, mail_from=s.mail_from, to=s.to, username=s.username,
+                           password=_secret(s.password, s.password_env, "password"), ssl_context=ctx,
+                           timeout=s.timeout, subject=s.subject, helo=s.helo)  # fmt: skip
+
+
 KINDS: dict[str, DestinationKind[Any]] = {
     "mllp": DestinationKind(MllpSettings, _build_mllp),
     "http": DestinationKind(HttpSettings, _build_http),
     "file": DestinationKind(FileSettings, _build_file),
     "mqtt": DestinationKind(MqttSettings, _build_mqtt),
     "dicom": DestinationKind(DicomStoreSettings, _build_dicom),
+    "smtp": DestinationKind(SmtpSettings, _build_smtp),
 }
 
 

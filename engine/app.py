@@ -82,6 +82,8 @@ class RelaisApp:
         self.ingestor: Ingestor | None = None
         self.mllp: dict[str, MllpServer] = {}
         self.http: dict[str, RestServer] = {}
+        self.smtp: dict[str, Any] = {}  # name -> connectors.smtp.SmtpServer
+        self.mail: Any = None  # engine.smtp_setup.MailServices: SMTP listeners, MDN planner and sender
         self.router: Router | None = None
         self.delivery: DeliveryWorkers | None = None
         self.indexer: SearchIndexer | None = None
@@ -194,6 +196,12 @@ class RelaisApp:
             self.http[rest.name] = rest
             await rest.start()
         await self._start_dicom()
+        if cfg.listeners.smtp:
+            from engine.smtp_setup import MailServices
+
+            self.mail = MailServices(cfg, self.store, self.ingestor, cfg.resolve(cfg.store.blob_dir).parent)
+            self.smtp = self.mail.servers
+            await self.mail.start()
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
@@ -224,6 +232,8 @@ class RelaisApp:
             return self.http[name].bound_port
         if name in self.dicom:
             return int(self.dicom[name].bound_port)
+        if name in self.smtp:
+            return int(self.smtp[name].bound_port)
         return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
 
     async def stop(self) -> None:
@@ -233,6 +243,9 @@ class RelaisApp:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        if self.mail is not None:
+            await self.mail.stop()
+            self.mail = None
         for server in self.mllp.values():
             await server.stop()
         self.mllp.clear()

@@ -434,6 +434,20 @@ def _cmd_redeliver(config: RelaisConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hash_password(config: RelaisConfig | None, args: argparse.Namespace) -> int:
+    """`password_hash` for `[[listeners.smtp]] accounts`; the password comes from a prompt or stdin."""
+    import getpass
+
+    from connectors.smtp import hash_password
+
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relais", description="Relais regional e-health message bus")
     p.add_argument("--config", type=Path, default=Path("config.toml"), help="default: ./config.toml")
@@ -498,13 +512,32 @@ def _parser() -> argparse.ArgumentParser:
     idd.add_argument("--all", action="store_true", help="also those resolved by a merge")
     idd.add_argument("--json", action="store_true")
     idd.set_defaults(func=_cmd_identity_duplicates)
-    for sp in (run, ls, show, st, rc, rt, rtry, rr, dll, red, ids, idd, *(sub.choices[c] for c in ("verify", "check"))):
+    hp = sub.add_parser("hash-password", help="hash an SMTP account's password for config.toml (reads stdin)")
+    hp.set_defaults(func=_cmd_hash_password)
+    for sp in (
+        run,
+        ls,
+        show,
+        st,
+        rc,
+        rt,
+        rtry,
+        rr,
+        dll,
+        red,
+        ids,
+        idd,
+        hp,
+        *(sub.choices[c] for c in ("verify", "check")),
+    ):
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.func is _cmd_hash_password:  # needs no configuration
+        return _cmd_hash_password(None, args)
     try:
         config = load_config(args.config)
     except ConfigError as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +21,8 @@ __all__ = [
     "HttpToken",
     "MllpListener",
     "RelaisConfig",
+    "SmtpAccount",
+    "SmtpListener",
     "TlsSettings",
     "load_config",
 ]
@@ -138,10 +140,46 @@ class DicomListener(_Strict):
         return v
 
 
+class SmtpAccount(_Strict):
+    """A client allowed to submit mail; the password is kept only as a hash
+    (`relais hash-password`: `scrypt$n$r$p$salt$hash` or `pbkdf2_sha256$iterations$salt$hash`)."""
+
+    user: str = Field(min_length=1)
+    password_hash: str = Field(pattern=r"^(scrypt|pbkdf2_sha256)\$")
+
+
+class SmtpListener(_Strict):
+    """MSSanté over SMTP: STARTTLS (TLS 1.2+) and AUTH are always required."""
+
+    name: str = "smtp"
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+    hostname: str = Field("relais.localhost", description="the name in the banner and EHLO answer")
+    domains: list[str] = Field(default_factory=list, description="accepted recipient domains")
+    mailboxes: list[str] = Field(
+        default_factory=list, description="accepted addresses; empty = any mailbox of `domains`"
+    )
+    max_message_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    timeout: float = Field(300.0, gt=0, description="seconds without a command before closing")
+    accounts: list[SmtpAccount] = Field(default_factory=list)
+    dev_account: bool = Field(
+        False, description="create a development account at first start and print its password once"
+    )
+    tls: TlsSettings | None = Field(
+        None, description="absent: a self-signed certificate made under the data folder (development only)"
+    )
+    mdn: dict[str, Any] | None = Field(
+        None, description="relay for MDNs (smtp destination settings: host, port, mail_from...); absent: none sent"
+    )
+    mdn_max_attempts: int = Field(10, ge=1)
+    readers: int = Field(0, ge=0, le=64, description="processes that read MIME and XDM archives; 0: on the event loop")
+
+
 class Listeners(_Strict):
     mllp: list[MllpListener] = Field(default_factory=lambda: [MllpListener()])
     http: list[HttpListener] = Field(default_factory=list)
     dicom: list[DicomListener] = Field(default_factory=list)
+    smtp: list[SmtpListener] = Field(default_factory=list)
 
 
 class StoreSettings(_Strict):
@@ -212,6 +250,7 @@ def load_config(path: Path) -> RelaisConfig:
     names = [listener.name for listener in config.listeners.mllp]
     names += [listener.name for listener in config.listeners.dicom]
     names += [listener.name for listener in config.listeners.http]
+    names += [listener.name for listener in config.listeners.smtp]
     if len(names) != len(set(names)):
         raise ConfigError(f"{path}: listeners: listener names must be unique (got {names})")
     for http in config.listeners.http:

@@ -245,3 +245,66 @@ class StudyCompleted(Event):
 # DICOM (appended apart so the registry above stays as it was).
 EVENT_TYPES.update({f"relais.{cls.__name__}": cls for cls in (InstanceReceived, StudyCompleted)})
 __all__ += ["InstanceReceived", "StudyCompleted"]
+# -- MSSanté (SMTP) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MailReceived(Event):
+    """A mail was accepted over SMTP: envelope, authenticated account, main headers
+    (`X-MSS-*` included), its attachments and what became of its XDM archive."""
+
+    envelope_from: str
+    envelope_to: list[str]
+    account: str
+    tls_version: str
+    message_id: str
+    subject: str
+    header_from: str
+    mss_headers: dict[str, str]
+    attachments: list[dict[str, Any]]
+    xdm: str  # none | read | refused
+    disposition_notification_to: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentSubmitted(Event):
+    """A document carried by a mail (from its XDM archive or a plain attachment), stored
+    content-addressed, with the sharing metadata the sender gave for it."""
+
+    document_id: str
+    source: str  # xdm | attachment
+    filename: str
+    payload: PayloadRef
+    patient_id: str
+    patient_id_authority: str
+    class_code: str
+    type_code: str
+    author: str
+    confidentiality: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MailIntegrationFailed(Event):
+    """The mail was stored but its documents could not be integrated; `code` and `label`
+    are what its MDN reports (XDM archive refused, INS missing or not matching...)."""
+
+    code: str
+    label: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class MdnQueued(Event):
+    """A disposition notification (RFC 8098) for this mail is in the outbox."""
+
+    delivery_id: str
+    recipient: str
+    disposition: str  # processed | failed
+    code: str
+    payload: PayloadRef
+
+
+EVENT_TYPES.update(
+    {f"relais.{cls.__name__}": cls for cls in (MailReceived, DocumentSubmitted, MailIntegrationFailed, MdnQueued)}
+)

@@ -26,6 +26,7 @@ __all__ = ["MailHandler", "PasswordCheck", "RelaisSMTP", "SmtpServer", "hash_pas
 log = structlog.get_logger("relais.smtp")
 
 END_OF_DATA = b"\r\n.\r\n"
+_RECORDING: set[asyncio.Task[None]] = set()  # refusals being recorded after their session ended
 _SIMPLE_ADDRESS = re.compile(r"\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)>(.*)\Z", re.S)
 
 
@@ -117,6 +118,16 @@ class RelaisSMTP(SMTP):
             return None, None
         return m.group(1), m.group(2)
 
+    def _cut_off(self, partial: bytes, size: int) -> None:
+        """DATA ended without `<CRLF>.<CRLF>`: let the handler record what came (in a task of
+        its own: this one is being cancelled). Nothing was acknowledged."""
+        record = getattr(self.event_handler, "handle_cut_off", None)
+        if record is None or self.session is None or self.envelope is None:
+            return
+        task = self.loop.create_task(record(self.session, self.envelope, partial, max(size, len(partial))))
+        _RECORDING.add(task)
+        task.add_done_callback(_RECORDING.discard)
+
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -142,9 +153,14 @@ class RelaisSMTP(SMTP):
         body = b""
         try:
             while True:
-                chunk = await reader.read(1 << 16)
+                try:
+                    chunk = await reader.read(1 << 16)
+                except asyncio.CancelledError:  # closed by the client, or by the idle timeout
+                    self._cut_off(head if too_big else bytes(buf[2:]), size)
+                    raise
                 if not chunk:
-                    return  # connection closed mid-data: nothing was promised
+                    self._cut_off(head if too_big else bytes(buf[2:]), size)
+                    return  # nothing was promised
                 self._reset_timeout()
                 start = max(0, len(buf) - 4)
                 buf += chunk

@@ -281,6 +281,23 @@ class MailIntake:
             log.error("mail_refusal_not_recorded", listener=self.listener.name)
         return f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} bytes)"
 
+    async def handle_cut_off(self, session: Session, envelope: Envelope, partial: bytes, size: int) -> None:
+        """A mail whose DATA stopped before `<CRLF>.<CRLF>` (connection closed or idle):
+        recorded as refused with the bytes that came; the client never got a 250."""
+        submission = Submission(
+            listener=self.listener.name, protocol="smtp", peer=_peer(session), payload=partial,
+            content_type="message/rfc822", sender=envelope.mail_from or "", message_type="MAIL",
+            metadata={"mail_from": envelope.mail_from or "", "rcpt_to": list(envelope.rcpt_tos),
+                      "account": str(session.auth_data or ""), "truncated": True, "size_at_least": size},
+            verdict=Verdict("reject", "", "cut-off", f"the connection ended after {size} bytes of DATA, "
+                            "before its end (<CRLF>.<CRLF>)"),
+        )  # fmt: skip
+        try:
+            receipt = await self.ingestor.submit(submission)
+            log.warning("mail_cut_off", listener=self.listener.name, message_id=str(receipt.message_id), size=size)
+        except IngestUnavailable:
+            log.error("mail_cut_off_not_recorded", listener=self.listener.name)
+
     async def handle_exception(self, error: Exception) -> str:
         # Never tell the client what went wrong inside: log the kind, answer "try later".
         log.error(

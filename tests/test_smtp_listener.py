@@ -271,3 +271,44 @@ def test_mails_read_in_reader_processes_give_the_same_events(relais) -> None:
     topics = [e.topic for e in running.store.events_of(message_id_of(reply))]
     assert topics == ["relais.MessageReceived", "relais.MailReceived", "relais.DocumentSubmitted"]
     assert running.store.events_of(message_id_of(bad_reply))[-1].event["code"] == "XDM-UNREADABLE"
+
+
+def _open_data(port: int) -> smtplib.SMTP:
+    client = session(port)
+    client.mail("dr.martin@hopital.mssante.fr")
+    client.rcpt("secretariat@relais.localhost")
+    assert client.docmd("DATA")[0] == 354
+    return client
+
+
+def _wait_for_rejection(running) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = running.store.query("SELECT * FROM relais_messages WHERE status = 'reject'")
+        if rows:
+            return rows[0]
+        time.sleep(0.05)
+    raise AssertionError("the cut-off mail was not recorded")
+
+
+def test_mail_cut_off_mid_data_is_recorded_as_refused_with_its_bytes(relais) -> None:
+    running, port = start(relais)
+    client = _open_data(port)
+    partial = b"Subject: cut\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    client.send(partial)
+    client.close()  # no <CRLF>.<CRLF>: the client never got a 250
+    row = _wait_for_rejection(running)
+    assert row["error_code"] == "cut-off"
+    assert running.store.payload(row["payload_sha256"]) == partial
+
+
+def test_client_idle_mid_data_is_disconnected_and_its_mail_recorded_as_refused(relais) -> None:
+    running, port = start(relais, timeout=0.5)
+    client = _open_data(port)
+    client.send(b"Subject: slow\r\n\r\nfirst line\r\n")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.getreply()  # the server closes the idle session without answering
+    row = _wait_for_rejection(running)
+    assert row["error_code"] == "cut-off" and running.store.payload(row["payload_sha256"]).endswith(b"first line\r\n")

@@ -149,6 +149,9 @@ def read_submission(raw: bytes, recipients: list[str], inline_limit: int) -> Mai
                 {"subject": mail.subject, "x_mss_codecda": mail.mss_headers.get("X-MSS-CODECDA", "")},
             )
         )  # fmt: skip
+    if reading.failure is None and xdm_state == "none" and mail.mss_headers.get("X-MSS-INS", "").upper() == "O":
+        # The sender says the mail identifies the patient by INS, yet carries no XDM metadata.
+        reading.failure = ("INS-MISSING", "X-MSS-INS: O but no IHE_XDM.ZIP gives the patient's INS")
     reading.events.append(
         MailReceived(
             now, "", list(recipients), "", "", mail.message_id, mail.subject, mail.header_from,

@@ -312,3 +312,16 @@ def test_client_idle_mid_data_is_disconnected_and_its_mail_recorded_as_refused(r
         client.getreply()  # the server closes the idle session without answering
     row = _wait_for_rejection(running)
     assert row["error_code"] == "cut-off" and running.store.payload(row["payload_sha256"]).endswith(b"first line\r\n")
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed (apt install swaks)")
+def test_swaks_sees_535_for_a_wrong_password_and_550_for_an_unknown_mailbox(relais) -> None:
+    _, port = start(relais, mailboxes=["secretariat@relais.localhost"])
+    base = ["swaks", "--server", f"127.0.0.1:{port}", "--tls", "--auth", "LOGIN", "--auth-user", USER,
+            "--from", "dr.martin@hopital.mssante.fr", "--helo", "hopital.example"]  # fmt: skip
+    wrong = subprocess.run([*base, "--auth-password", "wrong", "--to", "secretariat@relais.localhost"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode != 0 and "<~* 535" in wrong.stdout
+    unknown = subprocess.run([*base, "--auth-password", PASSWORD, "--to", "nobody@relais.localhost"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert unknown.returncode != 0 and "<~* 550 5.1.1" in unknown.stdout

@@ -14,6 +14,7 @@ import hmac
 import os
 import re
 import ssl
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -60,6 +61,7 @@ def verify_password(password: str, stored: str) -> bool:
         return False
 
 
+LOCKED_OUT = "454 4.7.0 Too many failed authentications, try again later"
 _DUMMY_HASH = "pbkdf2_sha256$1000$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
@@ -68,10 +70,33 @@ class PasswordCheck:
     is remembered (as a keyed digest) so a client that opens many sessions does not pay
     the scrypt cost, on the event loop, each time."""
 
+    # Each wrong password costs a scrypt on the event loop (~50 ms): a peer that keeps
+    # failing is refused without hashing for a while, so it cannot stall every session.
+    max_failures = 10
+    failure_window = 60.0
+
     def __init__(self, accounts: Mapping[str, str]) -> None:
         self.accounts = dict(accounts)
         self._key = os.urandom(32)
         self._verified: set[bytes] = set()
+        self._failures: dict[str, tuple[int, float]] = {}  # peer IP -> (count, window start)
+
+    def _locked_out(self, peer: str) -> bool:
+        count, since = self._failures.get(peer, (0, 0.0))
+        if time.monotonic() - since > self.failure_window:
+            self._failures.pop(peer, None)
+            return False
+        return count >= self.max_failures
+
+    def _failed(self, peer: str) -> None:
+        count, since = self._failures.get(peer, (0, 0.0))
+        now = time.monotonic()
+        if now - since > self.failure_window:
+            count, since = 0, now
+        self._failures[peer] = (count + 1, since)
+        if len(self._failures) > 10_000:  # many peers: forget the oldest windows
+            for key in sorted(self._failures, key=lambda k: self._failures[k][1])[:5000]:
+                del self._failures[key]
 
     def __call__(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
@@ -80,13 +105,18 @@ class PasswordCheck:
             return AuthResult(success=False, handled=False)
         user = auth_data.login.decode("utf-8", "replace")
         password = auth_data.password.decode("utf-8", "replace")
+        peer = str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer)
+        if self._locked_out(peer):
+            log.warning("smtp_auth_locked_out", peer=peer, mechanism=mechanism)
+            return AuthResult(success=False, handled=False, message=LOCKED_OUT)
         stored = self.accounts.get(user)
         token = hmac.new(self._key, f"{user}\0{password}\0{stored}".encode(), "sha256").digest()
         if stored is not None and token in self._verified:
             return AuthResult(success=True, auth_data=user)
         ok = verify_password(password, stored or _DUMMY_HASH) and stored is not None
         if not ok:
-            log.warning("smtp_auth_failed", peer=str(session.peer), mechanism=mechanism)
+            self._failed(peer)
+            log.warning("smtp_auth_failed", peer=peer, mechanism=mechanism)
             return AuthResult(success=False, handled=False)
         self._verified.add(token)
         return AuthResult(success=True, auth_data=user)

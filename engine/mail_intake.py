@@ -34,6 +34,7 @@ INTEGRATION_ERRORS = {
     "INS-MISSING": "INS absent : le patient n'est pas identifié par son INS",
     "INS-MISMATCH": "INS non concordant avec les traits d'identité ou le destinataire",
     "XDM-UNREADABLE": "Archive IHE_XDM.ZIP illisible ou refusée",
+    "MAIL-UNREADABLE": "Message illisible : il est conservé mais ses documents ne sont pas intégrés",
 }
 
 
@@ -165,6 +166,18 @@ def read_submission(raw: bytes, recipients: list[str], inline_limit: int) -> Mai
     return reading
 
 
+def unreadable_mail(recipients: list[str], error: str) -> MailReading:
+    """What is recorded when reading a mail failed: the raw mail and the failure."""
+    now = _now()
+    reading = MailReading(MailContent(problems=[f"reader failed: {error}"]))
+    reading.failure = ("MAIL-UNREADABLE", f"the mail reader failed ({error})")
+    reading.events = [
+        MailReceived(now, "", list(recipients), "", "", "", "", "", {}, [], "none"),
+        MailIntegrationFailed(now, "MAIL-UNREADABLE", INTEGRATION_ERRORS["MAIL-UNREADABLE"], reading.failure[1]),
+    ]
+    return reading
+
+
 class MailIntake:
     """aiosmtpd handler of one SMTP listener: recipient checks, then submit and answer."""
 
@@ -188,9 +201,9 @@ class MailIntake:
             self.readers = None
 
     async def _read(self, raw: bytes, recipients: list[str]) -> MailReading:
-        if self.readers is None:
-            return read_submission(raw, recipients, self.inline_limit)
         try:
+            if self.readers is None:
+                return read_submission(raw, recipients, self.inline_limit)
             return await asyncio.get_running_loop().run_in_executor(
                 self.readers, read_submission, raw, recipients, self.inline_limit
             )
@@ -199,6 +212,10 @@ class MailIntake:
             self.readers = None  # a fresh pool for the next mail; this one gets a 451
             self.start_readers()
             raise
+        except Exception as e:
+            # A mail our reader cannot handle is still kept (and its sender told by MDN).
+            log.error("mail_unreadable", listener=self.listener.name, error=type(e).__name__)
+            return unreadable_mail(recipients, type(e).__name__)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -303,6 +320,9 @@ class MailIntake:
 
     async def handle_exception(self, error: Exception) -> str:
         # Never tell the client what went wrong inside: log the kind, answer "try later".
+        if type(error).__name__ == "TLSSetupException":  # a client that cannot do TLS 1.2+
+            log.warning("smtp_tls_refused", listener=self.listener.name, detail=str(error)[:200])
+            return "454 4.7.0 TLS not available"
         log.error(
             "smtp_session_error", listener=self.listener.name, error=type(error).__name__, detail=str(error)[:200]
         )

@@ -325,3 +325,23 @@ def test_swaks_sees_535_for_a_wrong_password_and_550_for_an_unknown_mailbox(rela
     unknown = subprocess.run([*base, "--auth-password", PASSWORD, "--to", "nobody@relais.localhost"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert unknown.returncode != 0 and "<~* 550 5.1.1" in unknown.stdout
+
+
+def test_a_peer_that_keeps_failing_auth_is_refused_for_a_while(relais) -> None:
+    _, port = start(relais)
+    with session(port, login=False) as client:
+        for _ in range(5):  # smtplib tries PLAIN then LOGIN: two failures per login()
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+                client.login(USER, "guess")
+            assert failed.value.smtp_code == 535
+        with pytest.raises(smtplib.SMTPAuthenticationError) as locked:
+            client.login(USER, PASSWORD)  # even the right password, without computing any hash
+        assert locked.value.smtp_code == 454
+
+
+def test_a_mail_the_reader_cannot_handle_is_still_kept_with_its_failure() -> None:
+    from engine.mail_intake import unreadable_mail
+
+    reading = unreadable_mail(["secretariat@relais.localhost"], "RecursionError")
+    assert [type(e).__name__ for e in reading.events] == ["MailReceived", "MailIntegrationFailed"]
+    assert reading.failure is not None and reading.failure[0] == "MAIL-UNREADABLE"

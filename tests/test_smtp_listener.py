@@ -345,3 +345,20 @@ def test_a_mail_the_reader_cannot_handle_is_still_kept_with_its_failure() -> Non
     reading = unreadable_mail(["secretariat@relais.localhost"], "RecursionError")
     assert [type(e).__name__ for e in reading.events] == ["MailReceived", "MailIntegrationFailed"]
     assert reading.failure is not None and reading.failure[0] == "MAIL-UNREADABLE"
+
+
+def test_relais_check_covers_the_documents_of_a_mail(relais) -> None:
+    from event_store.integrity import check_payloads
+
+    store = {"url": "sqlite:///relais.db", "blob_dir": "blobs", "inline_payload_limit": 1024}
+    running = relais(listeners={"mllp": [], "smtp": [smtp_listener()]}, store=store)
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40
+    mail = Mail(xdm=xdm_zip([Doc(data=cda()), Doc(filename="DOC0002.PDF", mime_type="application/pdf", data=pdf)]))
+    with session(running.app.smtp["smtp"].bound_port) as client:
+        code, reply, _ = send(client, mail)
+    assert code == 250
+    report = check_payloads(running.store)
+    assert report.referenced == 3 and report.missing == [] and report.orphans == []  # mail + 2 documents
+    doc = [e.event for e in running.store.events_of(message_id_of(reply)) if e.topic == "relais.DocumentSubmitted"][1]
+    running.store.blobs.path_of(doc["payload"]["sha256"]).unlink()
+    assert check_payloads(running.store).missing == [doc["payload"]["sha256"]]

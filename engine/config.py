@@ -183,4 +183,7 @@ def load_config(path: Path) -> RelaisConfig:
     names = [listener.name for listener in config.listeners.mllp]
     if len(names) != len(set(names)):
         raise ConfigError(f"{path}: listeners.mllp: listener names must be unique (got {names})")
+    smtp_names = [listener.name for listener in config.listeners.smtp]
+    if len(smtp_names) != len(set(smtp_names)):
+        raise ConfigError(f"{path}: listeners.smtp: listener names must be unique (got {smtp_names})")
     return config

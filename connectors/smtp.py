@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import ssl
@@ -138,6 +139,28 @@ class RelaisSMTP(SMTP):
     mails). Only `<CRLF>.<CRLF>` ends the data, so a bare `<LF>.<LF>` or `<LF>.<CRLF>`
     cannot smuggle a second mail; leading dots are undone per RFC 5321 4.5.2."""
 
+    # Set by SmtpServer: says why a new connection is refused (a full status line), or None.
+    admission: Any = None
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and self.admission is not None:  # a new connection, not STARTTLS
+            refusal = self.admission(self, transport.get_extra_info("peername"))
+            if refusal is not None:
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        super().connection_lost(error)
+        if self.admission is not None:
+            self.admission(self, None)  # gone: frees its place
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # The common `<local@domain>` without quotes or comments, without the RFC 5322 parser
         # (~0.2 ms a call); anything else goes to aiosmtpd's own parsing.
@@ -243,6 +266,8 @@ class SmtpServer:
         authenticator: PasswordCheck,
         data_size_limit: int,
         timeout: float,
+        max_connections: int = 64,
+        allowed_peers: list[str] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -253,8 +278,29 @@ class SmtpServer:
         self.authenticator = authenticator
         self.data_size_limit = data_size_limit
         self.timeout = timeout
+        self.max_connections = max_connections
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in allowed_peers or []]
         self._server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[RelaisSMTP] = weakref.WeakSet()
+        self._open: set[RelaisSMTP] = set()
+
+    def _admission(self, session: RelaisSMTP, peer: Any) -> str | None:
+        if peer is None:
+            self._open.discard(session)
+            return None
+        if self._networks:
+            try:
+                address = ipaddress.ip_address(peer[0])
+            except (ValueError, TypeError, IndexError):
+                address = None
+            if address is None or not any(address in net for net in self._networks):
+                log.warning("smtp_peer_refused", listener=self.name, peer=str(peer[0] if peer else ""))
+                return "554 5.7.1 Connections from this address are not accepted"
+        if len(self._open) >= self.max_connections:
+            log.warning("smtp_too_many_connections", listener=self.name, limit=self.max_connections)
+            return "421 4.7.0 Too many connections, try again later"
+        self._open.add(session)
+        return None
 
     def _protocol(self) -> RelaisSMTP:
         session = RelaisSMTP(
@@ -270,6 +316,7 @@ class SmtpServer:
             timeout=self.timeout,
             loop=asyncio.get_running_loop(),
         )
+        session.admission = self._admission
         self.sessions.add(session)
         return session
 

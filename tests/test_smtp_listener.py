@@ -8,6 +8,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -362,3 +363,25 @@ def test_relais_check_covers_the_documents_of_a_mail(relais) -> None:
     doc = [e.event for e in running.store.events_of(message_id_of(reply)) if e.topic == "relais.DocumentSubmitted"][1]
     running.store.blobs.path_of(doc["payload"]["sha256"]).unlink()
     assert check_payloads(running.store).missing == [doc["payload"]["sha256"]]
+
+
+def test_peers_outside_the_allow_list_get_554_and_excess_connections_421(relais) -> None:
+    _, port = start(relais, allowed_peers=["10.0.0.0/8"])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert sock.recv(1024).startswith(b"554 5.7.1")
+    _, port = start(relais, max_connections=2)
+    first, second = session(port), session(port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert sock.recv(1024).startswith(b"421 4.7.0")
+        second.quit()
+        for _ in range(200):  # a place is free again once the server has seen the close
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                if sock.recv(1024).startswith(b"220 "):
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the place of a closed session was not freed")
+    finally:
+        first.close()
+        second.close()

@@ -385,3 +385,18 @@ def test_peers_outside_the_allow_list_get_554_and_excess_connections_421(relais)
     finally:
         first.close()
         second.close()
+
+
+def test_end_of_data_split_across_reads_is_found(relais) -> None:
+    running, port = start(relais)
+    with session(port) as client:
+        client.mail("a@hopital.mssante.fr")
+        client.rcpt("secretariat@relais.localhost")
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: split\r\n\r\nbody\r\n.")
+        time.sleep(0.05)  # let the server read the first part on its own
+        client.send(b"\r\n")
+        code, reply = client.getreply()
+        assert code == 250
+    payload = running.store.payload(running.store.events_of(message_id_of(reply))[0].event["payload"]["sha256"])
+    assert payload == b"Subject: split\r\n\r\nbody\r\n"

@@ -243,7 +243,8 @@ class RelaisSMTP(SMTP):
         del buf
         if body.startswith(b"."):
             body = body[1:]
-        body = body.replace(b"\r\n.", b"\r\n")
+        if b"\r\n." in body:  # most mails (base64) have no line starting with a dot
+            body = body.replace(b"\r\n.", b"\r\n")
         self.envelope.content = body
         self.envelope.original_content = body
         status = await self._call_handler_hook("DATA")

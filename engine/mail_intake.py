@@ -324,7 +324,10 @@ class MailIntake:
             log.warning("smtp_tls_refused", listener=self.listener.name, detail=str(error)[:200])
             return "454 4.7.0 TLS not available"
         log.error(
-            "smtp_session_error", listener=self.listener.name, error=type(error).__name__, detail=str(error)[:200]
+            # the kind only: an exception's text may quote the mail (patient data)
+            "smtp_session_error",
+            listener=self.listener.name,
+            error=type(error).__name__,
         )
         return "451 4.3.0 Temporary failure, please try again later"
 

@@ -11,9 +11,11 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import ssl
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -26,6 +28,7 @@ __all__ = ["MailHandler", "PasswordCheck", "RelaisSMTP", "SmtpServer", "hash_pas
 log = structlog.get_logger("relais.smtp")
 
 END_OF_DATA = b"\r\n.\r\n"
+_RECORDING: set[asyncio.Task[None]] = set()  # refusals being recorded after their session ended
 _SIMPLE_ADDRESS = re.compile(r"\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)>(.*)\Z", re.S)
 
 
@@ -59,6 +62,7 @@ def verify_password(password: str, stored: str) -> bool:
         return False
 
 
+LOCKED_OUT = "454 4.7.0 Too many failed authentications, try again later"
 _DUMMY_HASH = "pbkdf2_sha256$1000$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
@@ -67,10 +71,33 @@ class PasswordCheck:
     is remembered (as a keyed digest) so a client that opens many sessions does not pay
     the scrypt cost, on the event loop, each time."""
 
+    # Each wrong password costs a scrypt on the event loop (~50 ms): a peer that keeps
+    # failing is refused without hashing for a while, so it cannot stall every session.
+    max_failures = 10
+    failure_window = 60.0
+
     def __init__(self, accounts: Mapping[str, str]) -> None:
         self.accounts = dict(accounts)
         self._key = os.urandom(32)
         self._verified: set[bytes] = set()
+        self._failures: dict[str, tuple[int, float]] = {}  # peer IP -> (count, window start)
+
+    def _locked_out(self, peer: str) -> bool:
+        count, since = self._failures.get(peer, (0, 0.0))
+        if time.monotonic() - since > self.failure_window:
+            self._failures.pop(peer, None)
+            return False
+        return count >= self.max_failures
+
+    def _failed(self, peer: str) -> None:
+        count, since = self._failures.get(peer, (0, 0.0))
+        now = time.monotonic()
+        if now - since > self.failure_window:
+            count, since = 0, now
+        self._failures[peer] = (count + 1, since)
+        if len(self._failures) > 10_000:  # many peers: forget the oldest windows
+            for key in sorted(self._failures, key=lambda k: self._failures[k][1])[:5000]:
+                del self._failures[key]
 
     def __call__(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
@@ -79,13 +106,18 @@ class PasswordCheck:
             return AuthResult(success=False, handled=False)
         user = auth_data.login.decode("utf-8", "replace")
         password = auth_data.password.decode("utf-8", "replace")
+        peer = str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer)
+        if self._locked_out(peer):
+            log.warning("smtp_auth_locked_out", peer=peer, mechanism=mechanism)
+            return AuthResult(success=False, handled=False, message=LOCKED_OUT)
         stored = self.accounts.get(user)
         token = hmac.new(self._key, f"{user}\0{password}\0{stored}".encode(), "sha256").digest()
         if stored is not None and token in self._verified:
             return AuthResult(success=True, auth_data=user)
         ok = verify_password(password, stored or _DUMMY_HASH) and stored is not None
         if not ok:
-            log.warning("smtp_auth_failed", peer=str(session.peer), mechanism=mechanism)
+            self._failed(peer)
+            log.warning("smtp_auth_failed", peer=peer, mechanism=mechanism)
             return AuthResult(success=False, handled=False)
         self._verified.add(token)
         return AuthResult(success=True, auth_data=user)
@@ -107,6 +139,28 @@ class RelaisSMTP(SMTP):
     mails). Only `<CRLF>.<CRLF>` ends the data, so a bare `<LF>.<LF>` or `<LF>.<CRLF>`
     cannot smuggle a second mail; leading dots are undone per RFC 5321 4.5.2."""
 
+    # Set by SmtpServer: says why a new connection is refused (a full status line), or None.
+    admission: Any = None
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and self.admission is not None:  # a new connection, not STARTTLS
+            refusal = self.admission(self, transport.get_extra_info("peername"))
+            if refusal is not None:
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        super().connection_lost(error)
+        if self.admission is not None:
+            self.admission(self, None)  # gone: frees its place
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # The common `<local@domain>` without quotes or comments, without the RFC 5322 parser
         # (~0.2 ms a call); anything else goes to aiosmtpd's own parsing.
@@ -116,6 +170,16 @@ class RelaisSMTP(SMTP):
         if self.local_part_limit and len(m.group(1).rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return m.group(1), m.group(2)
+
+    def _cut_off(self, partial: bytes, size: int) -> None:
+        """DATA ended without `<CRLF>.<CRLF>`: let the handler record what came (in a task of
+        its own: this one is being cancelled). Nothing was acknowledged."""
+        record = getattr(self.event_handler, "handle_cut_off", None)
+        if record is None or self.session is None or self.envelope is None:
+            return
+        task = self.loop.create_task(record(self.session, self.envelope, partial, max(size, len(partial))))
+        _RECORDING.add(task)
+        task.add_done_callback(_RECORDING.discard)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -142,9 +206,14 @@ class RelaisSMTP(SMTP):
         body = b""
         try:
             while True:
-                chunk = await reader.read(1 << 16)
+                try:
+                    chunk = await reader.read(1 << 16)
+                except asyncio.CancelledError:  # closed by the client, or by the idle timeout
+                    self._cut_off(head if too_big else bytes(buf[2:]), size)
+                    raise
                 if not chunk:
-                    return  # connection closed mid-data: nothing was promised
+                    self._cut_off(head if too_big else bytes(buf[2:]), size)
+                    return  # nothing was promised
                 self._reset_timeout()
                 start = max(0, len(buf) - 4)
                 buf += chunk
@@ -174,7 +243,8 @@ class RelaisSMTP(SMTP):
         del buf
         if body.startswith(b"."):
             body = body[1:]
-        body = body.replace(b"\r\n.", b"\r\n")
+        if b"\r\n." in body:  # most mails (base64) have no line starting with a dot
+            body = body.replace(b"\r\n.", b"\r\n")
         self.envelope.content = body
         self.envelope.original_content = body
         status = await self._call_handler_hook("DATA")
@@ -197,6 +267,8 @@ class SmtpServer:
         authenticator: PasswordCheck,
         data_size_limit: int,
         timeout: float,
+        max_connections: int = 64,
+        allowed_peers: list[str] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -207,8 +279,29 @@ class SmtpServer:
         self.authenticator = authenticator
         self.data_size_limit = data_size_limit
         self.timeout = timeout
+        self.max_connections = max_connections
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in allowed_peers or []]
         self._server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[RelaisSMTP] = weakref.WeakSet()
+        self._open: set[RelaisSMTP] = set()
+
+    def _admission(self, session: RelaisSMTP, peer: Any) -> str | None:
+        if peer is None:
+            self._open.discard(session)
+            return None
+        if self._networks:
+            try:
+                address = ipaddress.ip_address(peer[0])
+            except (ValueError, TypeError, IndexError):
+                address = None
+            if address is None or not any(address in net for net in self._networks):
+                log.warning("smtp_peer_refused", listener=self.name, peer=str(peer[0] if peer else ""))
+                return "554 5.7.1 Connections from this address are not accepted"
+        if len(self._open) >= self.max_connections:
+            log.warning("smtp_too_many_connections", listener=self.name, limit=self.max_connections)
+            return "421 4.7.0 Too many connections, try again later"
+        self._open.add(session)
+        return None
 
     def _protocol(self) -> RelaisSMTP:
         session = RelaisSMTP(
@@ -224,6 +317,7 @@ class SmtpServer:
             timeout=self.timeout,
             loop=asyncio.get_running_loop(),
         )
+        session.admission = self._admission
         self.sessions.add(session)
         return session
 

@@ -173,6 +173,15 @@ class SmtpListener(_Strict):
     )
     mdn_max_attempts: int = Field(10, ge=1)
     readers: int = Field(0, ge=0, le=64, description="processes that read MIME and XDM archives; 0: on the event loop")
+    max_connections: int = Field(64, gt=0)
+    allowed_peers: list[str] = Field(default_factory=list, description="CIDR; empty = all")
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _smtp_cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            ipaddress.ip_network(cidr, strict=False)
+        return v
 
 
 class Listeners(_Strict):

@@ -34,6 +34,7 @@ INTEGRATION_ERRORS = {
     "INS-MISSING": "INS absent : le patient n'est pas identifié par son INS",
     "INS-MISMATCH": "INS non concordant avec les traits d'identité ou le destinataire",
     "XDM-UNREADABLE": "Archive IHE_XDM.ZIP illisible ou refusée",
+    "MAIL-UNREADABLE": "Message illisible : il est conservé mais ses documents ne sont pas intégrés",
 }
 
 
@@ -149,6 +150,9 @@ def read_submission(raw: bytes, recipients: list[str], inline_limit: int) -> Mai
                 {"subject": mail.subject, "x_mss_codecda": mail.mss_headers.get("X-MSS-CODECDA", "")},
             )
         )  # fmt: skip
+    if reading.failure is None and xdm_state == "none" and mail.mss_headers.get("X-MSS-INS", "").upper() == "O":
+        # The sender says the mail identifies the patient by INS, yet carries no XDM metadata.
+        reading.failure = ("INS-MISSING", "X-MSS-INS: O but no IHE_XDM.ZIP gives the patient's INS")
     reading.events.append(
         MailReceived(
             now, "", list(recipients), "", "", mail.message_id, mail.subject, mail.header_from,
@@ -159,6 +163,18 @@ def read_submission(raw: bytes, recipients: list[str], inline_limit: int) -> Mai
     if reading.failure is not None:
         code, detail = reading.failure
         reading.events.append(MailIntegrationFailed(now, code, INTEGRATION_ERRORS[code], detail))
+    return reading
+
+
+def unreadable_mail(recipients: list[str], error: str) -> MailReading:
+    """What is recorded when reading a mail failed: the raw mail and the failure."""
+    now = _now()
+    reading = MailReading(MailContent(problems=[f"reader failed: {error}"]))
+    reading.failure = ("MAIL-UNREADABLE", f"the mail reader failed ({error})")
+    reading.events = [
+        MailReceived(now, "", list(recipients), "", "", "", "", "", {}, [], "none"),
+        MailIntegrationFailed(now, "MAIL-UNREADABLE", INTEGRATION_ERRORS["MAIL-UNREADABLE"], reading.failure[1]),
+    ]
     return reading
 
 
@@ -185,9 +201,9 @@ class MailIntake:
             self.readers = None
 
     async def _read(self, raw: bytes, recipients: list[str]) -> MailReading:
-        if self.readers is None:
-            return read_submission(raw, recipients, self.inline_limit)
         try:
+            if self.readers is None:
+                return read_submission(raw, recipients, self.inline_limit)
             return await asyncio.get_running_loop().run_in_executor(
                 self.readers, read_submission, raw, recipients, self.inline_limit
             )
@@ -196,6 +212,10 @@ class MailIntake:
             self.readers = None  # a fresh pool for the next mail; this one gets a 451
             self.start_readers()
             raise
+        except Exception as e:
+            # A mail our reader cannot handle is still kept (and its sender told by MDN).
+            log.error("mail_unreadable", listener=self.listener.name, error=type(e).__name__)
+            return unreadable_mail(recipients, type(e).__name__)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -281,10 +301,33 @@ class MailIntake:
             log.error("mail_refusal_not_recorded", listener=self.listener.name)
         return f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} bytes)"
 
+    async def handle_cut_off(self, session: Session, envelope: Envelope, partial: bytes, size: int) -> None:
+        """A mail whose DATA stopped before `<CRLF>.<CRLF>` (connection closed or idle):
+        recorded as refused with the bytes that came; the client never got a 250."""
+        submission = Submission(
+            listener=self.listener.name, protocol="smtp", peer=_peer(session), payload=partial,
+            content_type="message/rfc822", sender=envelope.mail_from or "", message_type="MAIL",
+            metadata={"mail_from": envelope.mail_from or "", "rcpt_to": list(envelope.rcpt_tos),
+                      "account": str(session.auth_data or ""), "truncated": True, "size_at_least": size},
+            verdict=Verdict("reject", "", "cut-off", f"the connection ended after {size} bytes of DATA, "
+                            "before its end (<CRLF>.<CRLF>)"),
+        )  # fmt: skip
+        try:
+            receipt = await self.ingestor.submit(submission)
+            log.warning("mail_cut_off", listener=self.listener.name, message_id=str(receipt.message_id), size=size)
+        except IngestUnavailable:
+            log.error("mail_cut_off_not_recorded", listener=self.listener.name)
+
     async def handle_exception(self, error: Exception) -> str:
         # Never tell the client what went wrong inside: log the kind, answer "try later".
+        if type(error).__name__ == "TLSSetupException":  # a client that cannot do TLS 1.2+
+            log.warning("smtp_tls_refused", listener=self.listener.name, detail=str(error)[:200])
+            return "454 4.7.0 TLS not available"
         log.error(
-            "smtp_session_error", listener=self.listener.name, error=type(error).__name__, detail=str(error)[:200]
+            # the kind only: an exception's text may quote the mail (patient data)
+            "smtp_session_error",
+            listener=self.listener.name,
+            error=type(error).__name__,
         )
         return "451 4.3.0 Temporary failure, please try again later"
 

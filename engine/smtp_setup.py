@@ -117,6 +117,8 @@ def smtp_servers(cfg: RelaisConfig, ingestor: Submitter, data_dir: Path) -> list
                 authenticator=PasswordCheck(accounts),
                 data_size_limit=listener.max_message_bytes,
                 timeout=listener.timeout,
+                max_connections=listener.max_connections,
+                allowed_peers=listener.allowed_peers,
             )
         )
     return servers

@@ -21,9 +21,29 @@ class PayloadReport:
     incomplete: list[str] = field(default_factory=list)
 
 
+# Events that carry payloads of their own, beyond the message's (a mail's documents, MDNs).
+PAYLOAD_TOPICS = ["relais.DocumentSubmitted", "relais.MdnQueued"]
+
+
+def _event_payloads(store: EventStore) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    position = 1
+    while notes := store.recorder.select_notifications(start=position, limit=1000, topics=PAYLOAD_TOPICS):
+        for note in notes:
+            ref = store.decode(note).event.get("payload") or {}
+            rows.append({"payload_sha256": ref.get("sha256"), "payload_inline": ref.get("inline")})
+        position = notes[-1].id + 1
+    return rows
+
+
 def check_payloads(store: EventStore) -> PayloadReport:
     report = PayloadReport()
     rows = store.query("SELECT DISTINCT payload_sha256, payload_inline FROM relais_messages")
+    seen = {r["payload_sha256"] for r in rows}
+    for extra in _event_payloads(store):
+        if extra["payload_sha256"] not in seen:
+            seen.add(extra["payload_sha256"])
+            rows.append(extra)
     referenced_blobs: set[str] = set()
     inline = {r["sha256"] for r in store.query("SELECT sha256 FROM relais_payloads")}
     for row in rows:

@@ -69,3 +69,17 @@ def test_hash_password_command_makes_a_hash_the_listener_accepts() -> None:
     hashed = out.stdout.strip()
     assert hashed.startswith("scrypt$") and verify_password("s3cret passphrase", hashed)
     assert not verify_password("other", hashed)
+
+
+def test_config_errors_name_the_smtp_key(tmp_path: Path) -> None:
+    import pytest
+
+    from engine.config import ConfigError
+
+    path = tmp_path / "config.toml"
+    path.write_text('[[listeners.smtp]]\nname = "a"\n[[listeners.smtp]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match=r"listeners: listener names must be unique"):
+        load_config(path)
+    path.write_text('[[listeners.smtp]]\naccounts = [{ user = "u", password_hash = "plaintext" }]\n')
+    with pytest.raises(ConfigError, match=r"listeners\.smtp\[0\]\.accounts\[0\]\.password_hash"):
+        load_config(path)

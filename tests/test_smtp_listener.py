@@ -8,6 +8,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -271,3 +272,131 @@ def test_mails_read_in_reader_processes_give_the_same_events(relais) -> None:
     topics = [e.topic for e in running.store.events_of(message_id_of(reply))]
     assert topics == ["relais.MessageReceived", "relais.MailReceived", "relais.DocumentSubmitted"]
     assert running.store.events_of(message_id_of(bad_reply))[-1].event["code"] == "XDM-UNREADABLE"
+
+
+def _open_data(port: int) -> smtplib.SMTP:
+    client = session(port)
+    client.mail("dr.martin@hopital.mssante.fr")
+    client.rcpt("secretariat@relais.localhost")
+    assert client.docmd("DATA")[0] == 354
+    return client
+
+
+def _wait_for_rejection(running) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = running.store.query("SELECT * FROM relais_messages WHERE status = 'reject'")
+        if rows:
+            return rows[0]
+        time.sleep(0.05)
+    raise AssertionError("the cut-off mail was not recorded")
+
+
+def test_mail_cut_off_mid_data_is_recorded_as_refused_with_its_bytes(relais) -> None:
+    running, port = start(relais)
+    client = _open_data(port)
+    partial = b"Subject: cut\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    client.send(partial)
+    client.close()  # no <CRLF>.<CRLF>: the client never got a 250
+    row = _wait_for_rejection(running)
+    assert row["error_code"] == "cut-off"
+    assert running.store.payload(row["payload_sha256"]) == partial
+
+
+def test_client_idle_mid_data_is_disconnected_and_its_mail_recorded_as_refused(relais) -> None:
+    running, port = start(relais, timeout=0.5)
+    client = _open_data(port)
+    client.send(b"Subject: slow\r\n\r\nfirst line\r\n")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.getreply()  # the server closes the idle session without answering
+    row = _wait_for_rejection(running)
+    assert row["error_code"] == "cut-off" and running.store.payload(row["payload_sha256"]).endswith(b"first line\r\n")
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed (apt install swaks)")
+def test_swaks_sees_535_for_a_wrong_password_and_550_for_an_unknown_mailbox(relais) -> None:
+    _, port = start(relais, mailboxes=["secretariat@relais.localhost"])
+    base = ["swaks", "--server", f"127.0.0.1:{port}", "--tls", "--auth", "LOGIN", "--auth-user", USER,
+            "--from", "dr.martin@hopital.mssante.fr", "--helo", "hopital.example"]  # fmt: skip
+    wrong = subprocess.run([*base, "--auth-password", "wrong", "--to", "secretariat@relais.localhost"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode != 0 and "<~* 535" in wrong.stdout
+    unknown = subprocess.run([*base, "--auth-password", PASSWORD, "--to", "nobody@relais.localhost"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert unknown.returncode != 0 and "<~* 550 5.1.1" in unknown.stdout
+
+
+def test_a_peer_that_keeps_failing_auth_is_refused_for_a_while(relais) -> None:
+    _, port = start(relais)
+    with session(port, login=False) as client:
+        for _ in range(5):  # smtplib tries PLAIN then LOGIN: two failures per login()
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+                client.login(USER, "guess")
+            assert failed.value.smtp_code == 535
+        with pytest.raises(smtplib.SMTPAuthenticationError) as locked:
+            client.login(USER, PASSWORD)  # even the right password, without computing any hash
+        assert locked.value.smtp_code == 454
+
+
+def test_a_mail_the_reader_cannot_handle_is_still_kept_with_its_failure() -> None:
+    from engine.mail_intake import unreadable_mail
+
+    reading = unreadable_mail(["secretariat@relais.localhost"], "RecursionError")
+    assert [type(e).__name__ for e in reading.events] == ["MailReceived", "MailIntegrationFailed"]
+    assert reading.failure is not None and reading.failure[0] == "MAIL-UNREADABLE"
+
+
+def test_relais_check_covers_the_documents_of_a_mail(relais) -> None:
+    from event_store.integrity import check_payloads
+
+    store = {"url": "sqlite:///relais.db", "blob_dir": "blobs", "inline_payload_limit": 1024}
+    running = relais(listeners={"mllp": [], "smtp": [smtp_listener()]}, store=store)
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40
+    mail = Mail(xdm=xdm_zip([Doc(data=cda()), Doc(filename="DOC0002.PDF", mime_type="application/pdf", data=pdf)]))
+    with session(running.app.smtp["smtp"].bound_port) as client:
+        code, reply, _ = send(client, mail)
+    assert code == 250
+    report = check_payloads(running.store)
+    assert report.referenced == 3 and report.missing == [] and report.orphans == []  # mail + 2 documents
+    doc = [e.event for e in running.store.events_of(message_id_of(reply)) if e.topic == "relais.DocumentSubmitted"][1]
+    running.store.blobs.path_of(doc["payload"]["sha256"]).unlink()
+    assert check_payloads(running.store).missing == [doc["payload"]["sha256"]]
+
+
+def test_peers_outside_the_allow_list_get_554_and_excess_connections_421(relais) -> None:
+    _, port = start(relais, allowed_peers=["10.0.0.0/8"])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert sock.recv(1024).startswith(b"554 5.7.1")
+    _, port = start(relais, max_connections=2)
+    first, second = session(port), session(port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert sock.recv(1024).startswith(b"421 4.7.0")
+        second.quit()
+        for _ in range(200):  # a place is free again once the server has seen the close
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                if sock.recv(1024).startswith(b"220 "):
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the place of a closed session was not freed")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_end_of_data_split_across_reads_is_found(relais) -> None:
+    running, port = start(relais)
+    with session(port) as client:
+        client.mail("a@hopital.mssante.fr")
+        client.rcpt("secretariat@relais.localhost")
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: split\r\n\r\nbody\r\n.")
+        time.sleep(0.05)  # let the server read the first part on its own
+        client.send(b"\r\n")
+        code, reply = client.getreply()
+        assert code == 250
+    payload = running.store.payload(running.store.events_of(message_id_of(reply))[0].event["payload"]["sha256"])
+    assert payload == b"Subject: split\r\n\r\nbody\r\n"

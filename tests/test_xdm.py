@@ -99,3 +99,5 @@ def test_mail_reading_reports_ins_problems_with_mdn_codes() -> None:
     assert failure(Mail(xdm=xdm_zip([Doc(data=cda(), patient_id="180000000000000")]))) == "INS-MISMATCH"
     assert failure(Mail(xdm=xdm_zip()), ["100000000000000@patient.mssante.fr"]) == "INS-MISMATCH"
     assert failure(Mail(xdm=b"PK\x03\x04 broken")) == "XDM-UNREADABLE"
+    assert failure(Mail(headers={"X-MSS-INS": "O"})) == "INS-MISSING"  # says INS, carries none
+    assert failure(Mail(headers={"X-MSS-INS": "N"})) is None

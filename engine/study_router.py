@@ -76,11 +76,9 @@ class StudyRouter(LogFollower):
         self.channels = tuple(channels)
 
     def plan(self, after: int) -> tuple[Appendix, int]:
-        notes = self.store.recorder.select_notifications(
-            start=after + 1, limit=self.batch_size, topics=["relais.StudyCompleted"]
-        )
+        notes, position = self.select(after, ["relais.StudyCompleted"])
         if not notes:
-            return Appendix(), after
+            return Appendix(), position
         appendix = Appendix()
         rows: list[tuple[Any, ...]] = []
         now = _now()
@@ -99,5 +97,5 @@ class StudyRouter(LogFollower):
                     )  # fmt: skip
         if rows:
             appendix.statements.append((OUTBOX_INSERT, rows))
-        self.track(appendix, notes[-1].id)
-        return appendix, notes[-1].id
+        self.track(appendix, position)
+        return appendix, position

@@ -32,6 +32,9 @@ class LogFollower:
     # At most one commit of this follower per interval: followers must not double the
     # writer's commits under load (each of theirs covers up to `batch_size` messages).
     min_interval = 0.0
+    # After a read that found nothing of its topics, wait this long before reading again:
+    # a follower of rare events should not query the store after every commit of others.
+    idle_interval = 0.0
 
     def __init__(self, store: EventStore, ingestor: Ingestor) -> None:
         self.store = store
@@ -95,6 +98,8 @@ class LogFollower:
                 continue
             if not (appendix.events or appendix.statements or appendix.payloads):
                 self.position = position  # only read past other topics: nothing to record
+                if self.idle_interval:
+                    await asyncio.sleep(self.idle_interval)
                 continue
             try:
                 await self.ingestor.append(appendix)

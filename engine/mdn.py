@@ -110,6 +110,7 @@ class MdnPlanner(LogFollower):
 
     name = "mdn"
     min_interval = 0.05
+    idle_interval = 0.1
 
     def __init__(self, store: EventStore, ingestor: Ingestor, senders: Mapping[str, tuple[str, str]]) -> None:
         super().__init__(store, ingestor)

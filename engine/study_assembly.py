@@ -168,6 +168,7 @@ class StudyAssembler(LogFollower):
                 continue
             if not appendix.events and not appendix.statements:
                 self.position = position  # read past other topics: nothing to record
+                await asyncio.sleep(min(self.tick, 0.1))  # not a store query after every commit of others
                 self._signal.clear()
                 try:
                     async with asyncio.timeout(self.tick):

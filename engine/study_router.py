@@ -67,6 +67,7 @@ def route_study(channels: Sequence[Channel], completed: dict[str, Any], position
 class StudyRouter(LogFollower):
     name = "study-router"
     min_interval = 0.05
+    idle_interval = 0.1
 
     def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
         super().__init__(store, ingestor)

@@ -1,5 +1,5 @@
 """Outbound MLLP: send one HL7 v2 message to a partner and check its ACK (MSA-1, MSA-2).
-One persistent connection per destination, one message in flight, TLS optional."""
+Persistent connections (one by default), one message in flight on each, TLS optional."""
 
 from __future__ import annotations
 
@@ -63,14 +63,29 @@ def parse_ack(ack: bytes) -> tuple[str, str] | None:
     return None
 
 
+class _Link:
+    """One connection to the partner, one message in flight on it."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.buf = bytearray()  # bytes read from the partner and not yet consumed
+
+
 class MllpDestination:
-    """Send framed HL7 v2 messages to `host:port`, one at a time, and check each ACK.
+    """Send framed HL7 v2 messages to `host:port` and check each ACK.
 
     Success is MSA-1 AA or CA with MSA-2 equal to the MSH-10 that was sent. Anything else
     (AE, AR, CE, CR, another control ID, no ACK within `ack_timeout`, a connection error)
     raises TemporaryFailure; the engine retries, then dead-letters. After a timeout or a
     mismatched ACK the connection is closed, so that a late ACK is never taken for the
     answer to the next message.
+
+    `connections` persistent connections (default 1), each with one message in flight. The
+    delivery workers never send a key's next message before the previous one's outcome, so
+    several connections keep the order per key; use more than one only with a partner that
+    takes parallel connections.
     """
 
     def __init__(
@@ -84,6 +99,7 @@ class MllpDestination:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_ack_bytes: int = 1024 * 1024,
+        connections: int = 1,
     ) -> None:
         self.name = name
         self.host = host
@@ -93,10 +109,10 @@ class MllpDestination:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.max_ack_bytes = max_ack_bytes
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._buf = bytearray()  # bytes read from the partner and not yet consumed
+        self._links = [_Link(i) for i in range(max(1, connections))]
+        self._idle: asyncio.Queue[_Link] = asyncio.Queue()
+        for link in self._links:
+            self._idle.put_nowait(link)
 
     async def deliver(self, delivery: Delivery) -> DeliveryOutcome:
         control_id = sent_control_id(delivery.payload)
@@ -104,63 +120,71 @@ class MllpDestination:
             raise PermanentFailure("payload is not an HL7 v2 message (no MSH segment)")
         if not control_id:
             raise PermanentFailure("message has no MSH-10 control ID: its ACK cannot be checked")
-        async with self._lock:
-            try:
-                outcome = await self._deliver_locked(delivery, control_id)
-            except TemporaryFailure as e:
-                log.warning("mllp_delivery_failed", destination=self.name, delivery_id=delivery.delivery_id,
-                            attempt=delivery.attempt, reason=str(e))  # fmt: skip
-                raise
-            except BaseException:
-                # cancelled or broken mid-exchange: the connection's state is unknown
-                await self._close_connection()
-                raise
+        link = await self._idle.get()
+        try:
+            outcome = await self._deliver_on(link, delivery, control_id)
+        except TemporaryFailure as e:
+            log.warning("mllp_delivery_failed", destination=self.name, delivery_id=delivery.delivery_id,
+                        attempt=delivery.attempt, reason=str(e))  # fmt: skip
+            raise
+        except BaseException:
+            # cancelled or broken mid-exchange: the connection's state is unknown
+            await self._close_connection(link)
+            raise
+        finally:
+            self._idle.put_nowait(link)
         log.info("mllp_delivered", destination=self.name, delivery_id=delivery.delivery_id,
                  attempt=delivery.attempt, detail=outcome.detail)  # fmt: skip
         return outcome
 
     async def close(self) -> None:
-        async with self._lock:
-            await self._close_connection()
+        """Close every connection, once no message is in flight on it."""
+        idle = [await self._idle.get() for _ in self._links]
+        try:
+            for link in idle:
+                await self._close_connection(link)
+        finally:
+            for link in idle:
+                self._idle.put_nowait(link)
 
     # -- internals ---------------------------------------------------------------------------
 
-    async def _deliver_locked(self, delivery: Delivery, control_id: str) -> DeliveryOutcome:
-        ack = await self._exchange(delivery, control_id)
+    async def _deliver_on(self, link: _Link, delivery: Delivery, control_id: str) -> DeliveryOutcome:
+        ack = await self._exchange(link, delivery, control_id)
         parsed = parse_ack(ack)
         if parsed is None:
-            await self._close_connection()
+            await self._close_connection(link)
             raise TemporaryFailure(f"answer to {control_id} is not an ACK (no MSH/MSA segment)")
         code, acked_id = parsed
         if acked_id != control_id:
-            await self._close_connection()
+            await self._close_connection(link)
             raise TemporaryFailure(f"MSA {code} acknowledges {acked_id!r}, sent {control_id!r}")
         if code not in ACCEPTED:
             raise TemporaryFailure(f"MSA {code or '(empty)'} for {control_id}")
         return DeliveryOutcome(detail=f"MSA {code}", response=ack)
 
-    async def _exchange(self, delivery: Delivery, control_id: str) -> bytes:
-        reader, writer = await self._connection()
+    async def _exchange(self, link: _Link, delivery: Delivery, control_id: str) -> bytes:
+        reader, writer = await self._connection(link)
         try:
             async with asyncio.timeout(self.ack_timeout):
                 writer.write(START_BLOCK + delivery.payload + END_BLOCK + CR)
                 await writer.drain()
-                return await self._read_frame(reader)
+                return await self._read_frame(link, reader)
         except TimeoutError:
-            await self._close_connection()
+            await self._close_connection(link)
             raise TemporaryFailure(f"no ACK for {control_id} within {self.ack_timeout:g} s") from None
         except (ConnectionError, ssl.SSLError, OSError) as e:
-            await self._close_connection()
+            await self._close_connection(link)
             raise TemporaryFailure(f"connection lost waiting for the ACK to {control_id} "
                                    f"({type(e).__name__})") from None  # fmt: skip
         except _AckTooLarge:
-            await self._close_connection()
+            await self._close_connection(link)
             raise TemporaryFailure(f"ACK to {control_id} exceeds {self.max_ack_bytes} bytes") from None
 
-    async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
+    async def _read_frame(self, link: _Link, reader: asyncio.StreamReader) -> bytes:
         """One framed answer. Junk before 0x0B is dropped, and so is the CR that ends the frame,
         so that an idle connection closed by the peer is seen as such (`reader.at_eof()`)."""
-        buf = self._buf
+        buf = link.buf
         while True:
             start = buf.find(START_BLOCK)
             junk = len(buf) if start < 0 else start
@@ -183,17 +207,17 @@ class MllpDestination:
                 raise ConnectionResetError("connection closed by the peer")
             buf += data
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is not None and self._writer is not None:
+    async def _connection(self, link: _Link) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if link.reader is not None and link.writer is not None:
             await asyncio.sleep(0)  # let a pending EOF from an idle peer be seen
-            if self._buf:
+            if link.buf:
                 reason = "unexpected data after the last ACK"
-            elif self._reader.at_eof() or self._writer.is_closing():
+            elif link.reader.at_eof() or link.writer.is_closing():
                 reason = "peer closed the idle connection"
             else:
-                return self._reader, self._writer
-            log.info("mllp_reconnect", destination=self.name, reason=reason)
-            await self._close_connection()
+                return link.reader, link.writer
+            log.info("mllp_reconnect", destination=self.name, connection=link.number, reason=reason)
+            await self._close_connection(link)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(
@@ -213,14 +237,14 @@ class MllpDestination:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._reader, self._writer = reader, writer
+        link.reader, link.writer = reader, writer
         log.info("mllp_connected", destination=self.name, host=self.host, port=self.port,
-                 tls=self.ssl_context is not None)  # fmt: skip
+                 connection=link.number, tls=self.ssl_context is not None)  # fmt: skip
         return reader, writer
 
-    async def _close_connection(self) -> None:
-        writer, self._reader, self._writer = self._writer, None, None
-        self._buf.clear()
+    async def _close_connection(self, link: _Link) -> None:
+        writer, link.reader, link.writer = link.writer, None, None
+        link.buf.clear()
         if writer is None:
             return
         writer.close()

@@ -113,6 +113,7 @@ class MllpSettings(_TlsSettings):
     connect_timeout: float = Field(default=5.0, gt=0, le=3600)
     server_hostname: str | None = None  # TLS name to check, when it differs from host
     max_ack_bytes: int = Field(default=1024 * 1024, ge=1024)
+    connections: int = Field(default=1, ge=1, le=64, description="parallel connections, one message in flight on each")
 
 
 class HttpSettings(_TlsFiles):
@@ -212,7 +213,7 @@ class DestinationKind(Generic[S]):
 def _build_mllp(name: str, s: MllpSettings) -> Destination:
     return MllpDestination(name, s.host, s.port, ack_timeout=s.ack_timeout, connect_timeout=s.connect_timeout,
                            ssl_context=s.ssl_context(), server_hostname=s.server_hostname,
-                           max_ack_bytes=s.max_ack_bytes)  # fmt: skip
+                           max_ack_bytes=s.max_ack_bytes, connections=s.connections)  # fmt: skip
 
 
 def _build_http(name: str, s: HttpSettings) -> Destination:

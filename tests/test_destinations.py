@@ -129,6 +129,20 @@ async def test_mllp_aa_with_matching_msa2_is_delivered_on_one_persistent_connect
     assert handler.received[0][1] == handler.received[1][1], "both messages went over the same connection"
 
 
+async def test_mllp_several_connections_carry_messages_in_parallel_each_with_its_own_ack(
+    partner: tuple[ScriptedPartner, MllpServer],
+) -> None:
+    handler, server = partner
+    handler.late_by = 0.2  # a partner that takes its time: one connection would serialise them
+    dest = MllpDestination("lab", "127.0.0.1", server.bound_port, ack_timeout=5, connections=3)
+    try:
+        outcomes = await asyncio.gather(*(dest.deliver(delivery(hl7(f"PAR-{i}"))) for i in range(6)))
+        assert [parse_ack(o.response) for o in outcomes] == [("AA", f"PAR-{i}") for i in range(6)]
+        assert len({peer for _, peer in handler.received}) == 3, "three connections, reused"
+    finally:
+        await dest.close()
+
+
 async def test_mllp_commit_ack_ca_is_a_success(
     partner: tuple[ScriptedPartner, MllpServer], mllp_dest: MllpDestination
 ) -> None:
@@ -235,8 +249,9 @@ async def test_mllp_payload_without_msh_or_msh10_is_a_permanent_failure(mllp_des
 
 async def test_mllp_sets_tcp_nodelay(mllp_dest: MllpDestination) -> None:
     await mllp_dest.deliver(delivery(hl7("CTRL-ND")))
-    assert mllp_dest._writer is not None
-    sock = mllp_dest._writer.get_extra_info("socket")
+    writer = mllp_dest._links[0].writer
+    assert writer is not None
+    sock = writer.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 

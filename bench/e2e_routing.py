@@ -1,7 +1,7 @@
 """End-to-end benchmark: MLLP in -> durable ACK -> router -> outbox -> MLLP out to a local
 receiver that ACKs. Prints ingest msg/s, delivered msg/s and the lag from ACK to delivery.
 
-    .venv/bin/python bench/e2e_routing.py [--connections 8] [--duration 10]
+    .venv/bin/python bench/e2e_routing.py [--connections 8] [--duration 10] [--out-connections 1]
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--drain", type=float, default=60.0, help="max seconds to wait for the outbox to empty")
+    ap.add_argument("--out-connections", type=int, default=1, help="the MLLP destination's parallel connections")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
         tmp = Path(d)
@@ -99,6 +100,7 @@ def main() -> int:
             '[filter]\nmessage_type = "ADT"\n[[transform]]\nset = "MSH-5"\nvalue = "PARTNER"\n'
             '[[destination]]\nname = "partner"\ntype = "mllp"\nordering_key = "sender+patient"\n'
             f'[destination.settings]\nhost = "127.0.0.1"\nport = {partner_port}\n'
+            f"connections = {args.out_connections}\n"
         )
         (tmp / "config.toml").write_text(
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
@@ -122,7 +124,10 @@ def main() -> int:
             delivered, frames = recv_pipe.recv()
     lags = [(delivered[c] - t) * 1000 for c, t in acked.items() if c in delivered]
     last = max(delivered.values(), default=start)
-    print(f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP")
+    print(
+        f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP "
+        f"({args.out_connections} outbound connection(s))"
+    )
     print(f"{'acked':>8} {'ingest/s':>9} {'delivered':>10} {'deliv/s':>8} {'lag p50 ms':>11} {'lag p99 ms':>11}"
           f" {'lag max ms':>11} {'lost':>5} {'twice':>5}")  # fmt: skip
     print(

@@ -81,6 +81,7 @@ class StoreRequest:
 
 
 StoreHandler = Callable[[StoreRequest], int]
+HANDSHAKE_TIMEOUT = 10.0  # seconds for a TLS client to finish its handshake
 
 
 class _Server(ThreadedAssociationServer):
@@ -89,16 +90,23 @@ class _Server(ThreadedAssociationServer):
     allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # pynetdicom does the TLS handshake here, on the accepting thread: one silent client
+        # would hold every other one. It is done in the connection's own thread instead.
         assert self.socket is not None
         client, address = self.socket.accept()
         no_delay(client)
-        if self.ssl_context:
-            try:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-            except (ssl.SSLError, OSError):
-                client.close()
-                raise
         return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context:
+            request.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                request.close()
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.allowed_networks:

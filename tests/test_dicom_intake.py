@@ -162,3 +162,61 @@ def test_wrong_called_ae_title_is_refused(relais) -> None:
     running = relais(listeners=dicom_listeners())
     assoc = scu(running.app.port_of("dicom"), called="WRONG")
     assert not assoc.is_established
+
+
+def test_tls_listener_stores_from_a_client_with_a_certificate(relais, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.tls_material import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca),
+           "require_client_cert": True}  # fmt: skip
+    running = relais(listeners=dicom_listeners(tls=tls))
+    port = running.app.port_of("dicom")
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    ds = dcmread(sample("CT_small.dcm", tmp_path))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RELAIS", tls_args=(ctx, "127.0.0.1"))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert topics(running.store).count("relais.InstanceReceived") == 1
+    plain = dcmtk("echoscu", "-to", "5", "-aec", "RELAIS", "127.0.0.1", port)  # no TLS: no association
+    assert plain.returncode != 0
+
+
+def test_a_silent_connection_does_not_hold_the_tls_listener(relais, tmp_path: Path) -> None:
+    import socket
+    import ssl
+
+    from tests.tls_material import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    running = relais(listeners=dicom_listeners(tls={"cert": str(pki.server_cert), "key": str(pki.server_key)}))
+    port = running.app.port_of("dicom")
+    with socket.create_connection(("127.0.0.1", port)):  # connects, never says a word
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="RELAIS", tls_args=(ctx, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+def test_spool_left_by_a_dead_process_is_removed_at_start(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners())
+    spool = running.store.blobs.spool
+    blob_dir = running.config.resolve(running.config.store.blob_dir)
+    running.stop()
+    abandoned = spool / "0123abcd.999999999.dcm"  # no such process
+    abandoned.write_bytes(b"half an instance")
+    again = relais(listeners=dicom_listeners(), store={"url": f"sqlite:///{blob_dir.parent / 'relais.db'}",
+                                                       "blob_dir": str(blob_dir)})  # fmt: skip
+    assert not abandoned.exists()
+    assert again.app.port_of("dicom")

@@ -121,6 +121,15 @@ class _Server(ThreadedAssociationServer):
         return False
 
 
+def _drop_partial_dataset(event: evt.Event) -> None:
+    """A connection closed mid-dataset: pynetdicom would leave its temporary file behind."""
+    message = getattr(event.assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+
+
 class DicomServer:
     """One listening AE title; `start`/`stop` from the event loop, the work on pynetdicom's threads."""
 
@@ -194,7 +203,7 @@ class DicomServer:
 
     async def start(self) -> None:
         ae = self._application_entity()
-        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_CLOSE, _drop_partial_dataset)]
         server = await asyncio.to_thread(
             functools.partial(
                 ae.make_server,

@@ -3,6 +3,7 @@ Success only after the instance is durable; duplicates, new versions and refusal
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample
+from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample, wait_for
 
 
 def topics(store: Any) -> list[str]:
@@ -220,3 +221,36 @@ def test_spool_left_by_a_dead_process_is_removed_at_start(relais, tmp_path: Path
                                                        "blob_dir": str(blob_dir)})  # fmt: skip
     assert not abandoned.exists()
     assert again.app.port_of("dicom")
+
+
+def test_connection_cut_mid_dataset_stores_nothing_and_the_listener_goes_on(relais, tmp_path: Path) -> None:
+    import socket
+
+    from pynetdicom import evt
+
+    running = relais(listeners=dicom_listeners(max_pdu=131072))
+    temporary = set(Path(tempfile.gettempdir()).glob("*.dcm"))
+    port = running.app.port_of("dicom")
+    big = dcmread(sample("examples_ybr_color.dcm", tmp_path))  # ~225 KB: two P-DATA PDUs of 128 KB
+    sent = []
+
+    def cut_after_a_few(event: Any) -> None:  # association request, command, first half of the data
+        sent.append(1)
+        if len(sent) == 3:
+            event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(big.SOPClassUID, big.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RELAIS", evt_handlers=[(evt.EVT_PDU_SENT, cut_after_a_few)])
+    assert assoc.is_established
+    try:
+        assoc.send_c_store(big)
+    except Exception:
+        pass
+    assoc.abort()
+    assert topics(running.store) == []
+    assert list(running.store.blobs.spool.iterdir()) == []
+    assert wait_for(lambda: set(Path(tempfile.gettempdir()).glob("*.dcm")) <= temporary)  # none left by the cut
+    done = dcmtk("storescu", "-aec", "RELAIS", "127.0.0.1", port, sample("CT_small.dcm", tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert topics(running.store).count("relais.InstanceReceived") == 1

@@ -35,6 +35,9 @@ OUT_OF_RESOURCES = 0xA700
 # Datasets are written to a temporary file as they arrive, never held whole in memory.
 # (A process-wide pynetdicom setting: every SCP in this process receives into files.)
 _config.STORE_RECV_CHUNKED_DATASET = True
+# pynetdicom's own PDU/DIMSE log handlers run on every PDU even when nothing is logged;
+# Relais logs associations and instances itself.
+_config.LOG_HANDLER_LEVEL = "none"
 
 
 # pynetdicom's association and DUL threads poll their queues with `time.sleep(0.001)`:

@@ -254,3 +254,16 @@ def test_connection_cut_mid_dataset_stores_nothing_and_the_listener_goes_on(rela
     done = dcmtk("storescu", "-aec", "RELAIS", "127.0.0.1", port, sample("CT_small.dcm", tmp_path))
     assert done.returncode == 0, done.stderr
     assert topics(running.store).count("relais.InstanceReceived") == 1
+
+
+def test_dicom_listener_settings_are_checked_at_load(tmp_path: Path) -> None:
+    from engine.config import ConfigError, load_config
+
+    path = tmp_path / "config.toml"
+    path.write_text('[[listeners.dicom]]\nname = "dicom"\nmax_pdu = 16384\n', encoding="utf-8")
+    expected = r"listeners\.dicom\[0\]\.max_pdu: Input should be greater than or equal to 131072"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    path.write_text('[[listeners.mllp]]\nname = "edge"\n[[listeners.dicom]]\nname = "edge"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="listener names must be unique"):
+        load_config(path)

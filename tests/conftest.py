@@ -139,7 +139,8 @@ def _drop_pg_tables() -> None:
 
     with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True) as conn:
         for table in ("stored_events", "relais_payloads", "relais_messages", "relais_identifiers",
-                      "relais_tracking", "relais_outbox", "relais_requests"):  # fmt: skip
+                      "relais_tracking", "relais_outbox", "relais_requests",
+                      "relais_dicom_instances", "relais_dicom_studies"):  # fmt: skip
             conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
         conn.execute("DROP TYPE IF EXISTS stored_event_uuid CASCADE")
         conn.execute("DROP TYPE IF EXISTS stored_event_text CASCADE")

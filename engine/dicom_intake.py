@@ -213,7 +213,7 @@ def _verdict(req: StoreRequest, header: dict[str, str] | None) -> Verdict:
                        "(0008,0018)")  # fmt: skip
     if not header["StudyInstanceUID"]:
         return Verdict("reject", f"{DATASET_MISMATCH:04X}", "", "Study Instance UID is missing", "(0020,000D)")
-    return Verdict()
+    return Verdict(ack_code=f"{SUCCESS:04X}")  # the DIMSE status, as HL7 keeps its ACK code
 
 
 def dicom_servers(

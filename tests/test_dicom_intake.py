@@ -88,6 +88,9 @@ def test_pynetdicom_resend_is_a_duplicate_and_other_content_a_flagged_version(re
     assert topics(store).count("relais.DuplicateReceived") == 1
     flags = [e.event["flags"] for e in store.read_log() if e.topic == "relais.MessageReceived"]
     assert flags == [[], ["control_id_reused"]]
+    assert store.query("SELECT DISTINCT status, ack_code FROM relais_messages") == [
+        {"status": "accepted", "ack_code": "0000"}
+    ]
 
 
 def _send_file(port: int, path: Path) -> int:

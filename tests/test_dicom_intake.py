@@ -232,7 +232,6 @@ def test_connection_cut_mid_dataset_stores_nothing_and_the_listener_goes_on(rela
     from pynetdicom import evt
 
     running = relais(listeners=dicom_listeners(max_pdu=131072))
-    temporary = set(Path(tempfile.gettempdir()).glob("*.dcm"))
     port = running.app.port_of("dicom")
     big = dcmread(sample("examples_ybr_color.dcm", tmp_path))  # ~225 KB: two P-DATA PDUs of 128 KB
     sent = []
@@ -253,7 +252,19 @@ def test_connection_cut_mid_dataset_stores_nothing_and_the_listener_goes_on(rela
     assoc.abort()
     assert topics(running.store) == []
     assert list(running.store.blobs.spool.iterdir()) == []
-    assert wait_for(lambda: set(Path(tempfile.gettempdir()).glob("*.dcm")) <= temporary)  # none left by the cut
+    uid = big.SOPInstanceUID.encode()
+
+    def holds_it(path: Path) -> bool:
+        try:
+            with path.open("rb") as f:
+                return uid in f.read(1024)
+        except OSError:  # gone meanwhile (another process's file)
+            return False
+
+    def partial_files() -> list[Path]:  # pynetdicom's temporary files that hold this instance
+        return [p for p in Path(tempfile.gettempdir()).glob("*.dcm") if holds_it(p)]
+
+    assert wait_for(lambda: not partial_files())
     done = dcmtk("storescu", "-aec", "RELAIS", "127.0.0.1", port, sample("CT_small.dcm", tmp_path))
     assert done.returncode == 0, done.stderr
     assert topics(running.store).count("relais.InstanceReceived") == 1

@@ -4,7 +4,7 @@ same data in the same run (small ~39 KB and large ~0.5 MB instances, 1 and 4 ass
 The load is DCMTK `storescu` (one process per association, TCP_NODELAY=1); each server runs
 as its own process on loopback with its default durable settings.
 
-    .venv/bin/python bench/dicom_ingest.py [--small 400] [--large 200]
+    .venv/bin/python bench/dicom_ingest.py [--small 400] [--large 200] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -178,46 +179,53 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=400, help="small instances per case")
     parser.add_argument("--large", type=int, default=200, help="large instances per case")
     parser.add_argument("--servers", default="relais,orthanc,storescp")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install dcmtk orthanc)", file=sys.stderr)
             return 2
     cases = [("small", 1), ("small", 4), ("large", 1), ("large", 4)]
-    results: dict[tuple[str, str, int], float] = {}
+    names = args.servers.split(",")
+    runs: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="relais-dicom-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        data = {}
-        for size, assoc in cases:
-            count = args.small if size == "small" else args.large
-            folder = tmp / "data" / f"{size}{assoc}"
-            data[(size, assoc)] = (make_instances(folder, count, size == "large", assoc), count)
-        warm = make_instances(tmp / "data" / "warm", 8, False, 1)
-        for name in args.servers.split(","):
-            home = tmp / name
-            home.mkdir()
-            port = free_port()
-            cmd, called, count_stored = SERVERS[name](home, port)
-            with running(cmd, port, home / "server.log", home):
-                send(port, called, warm)
+        # Rounds interleave the servers, so a noisy minute does not fall on one of them only;
+        # each round sends new instances (a resend would be a cheaper duplicate).
+        for round_no in range(args.rounds):
+            for name in names:
+                home = tmp / f"{name}{round_no}"
+                data = {}
                 for size, assoc in cases:
-                    dirs, count = data[(size, assoc)]
-                    seconds, failures = send(port, called, dirs)
-                    rate = count / seconds if not failures else float("nan")
-                    results[(name, size, assoc)] = rate
-                    print(f"  {name:9} {size:5} x{assoc}: {count} in {seconds:.2f} s = {rate:.0f}/s", file=sys.stderr)
-                stored = count_stored()
-                if stored >= 0:
-                    expected = 8 + sum(c for _, c in data.values())
-                    print(f"  {name}: {stored} instances stored of {expected} sent", file=sys.stderr)
-    names = args.servers.split(",")
+                    count = args.small if size == "small" else args.large
+                    folder = home / "data" / f"{size}{assoc}"
+                    data[(size, assoc)] = (make_instances(folder, count, size == "large", assoc), count)
+                warm = make_instances(home / "data" / "warm", 8, False, 1)
+                port = free_port()
+                cmd, called, count_stored = SERVERS[name](home, port)
+                with running(cmd, port, home / "server.log", home):
+                    send(port, called, warm)
+                    for size, assoc in cases:
+                        dirs, count = data[(size, assoc)]
+                        seconds, failures = send(port, called, dirs)
+                        rate = count / seconds if not failures else float("nan")
+                        runs.setdefault((name, size, assoc), []).append(rate)
+                        print(f"  round {round_no + 1} {name:9} {size:5} x{assoc}: {count} in {seconds:.2f} s = "
+                              f"{rate:.0f}/s", file=sys.stderr)  # fmt: skip
+                    stored = count_stored()
+                    if stored >= 0:
+                        expected = 8 + sum(c for _, c in data.values())
+                        print(f"  {name}: {stored} instances stored of {expected} sent", file=sys.stderr)
+                shutil.rmtree(home / "data")
+    results = {key: statistics.median(rates) for key, rates in runs.items()}
     print(f"\n{'case':<18}" + "".join(f"{n:>11}" for n in names) + "  relais/orthanc")
     for size, assoc in cases:
         row = [results.get((n, size, assoc), float("nan")) for n in names]
         ratio = results.get(("relais", size, assoc), float("nan")) / results.get(("orthanc", size, assoc), float("nan"))
         label = f"{size} ({'~39 KB' if size == 'small' else '~0.5 MB'}), {assoc} assoc"
         print(f"{label:<18}" + "".join(f"{r:>11.0f}" for r in row) + f"  {ratio:>13.2f}x")
-    print("(instances/s; storescu with TCP_NODELAY=1, one process per association)")
+    note = f"instances/s, median of {args.rounds} interleaved rounds"
+    print(f"({note}; storescu with TCP_NODELAY=1, one process per association)")
     return 0
 
 

@@ -79,15 +79,13 @@ class DicomDestination:
         sent = await asyncio.to_thread(self._send, delivery, hashes)
         return DeliveryOutcome(detail=f"C-STORE {sent} instances")
 
-    def _instances(self, delivery: Delivery, hashes: list[str]) -> list[Dataset]:
-        raws = [delivery.payload] if not hashes else [self.payload_loader(h) for h in hashes]  # type: ignore[misc]
-        datasets: list[Dataset] = []
-        for raw in raws:
-            ds = dcmread(io.BytesIO(raw))
-            if self.rewrites:
-                self._rewrite(ds)
-            datasets.append(ds)
-        return datasets
+    def _load(self, delivery: Delivery, sha256: str | None, header_only: bool = False) -> Dataset:
+        """One instance of the delivery (the payload itself when it is a single instance)."""
+        raw = delivery.payload if sha256 is None else self.payload_loader(sha256)  # type: ignore[misc]
+        ds = dcmread(io.BytesIO(raw), stop_before_pixels=header_only)
+        if self.rewrites:
+            self._rewrite(ds)
+        return ds
 
     def _rewrite(self, ds: Dataset) -> None:
         """The patient identifier of the receiver's domain (never logged)."""
@@ -103,13 +101,19 @@ class DicomDestination:
             ds.IssuerOfPatientID = self.issuer
 
     def _send(self, delivery: Delivery, hashes: list[str]) -> int:
-        datasets = self._instances(delivery, hashes)
+        keys: list[str | None] = list(hashes) or [None]
+        # A study may be large: one instance in memory at a time, read once for the
+        # presentation contexts (and the patient mapping, checked before anything is sent)
+        # and once to send it.
+        contexts = set()
+        for key in keys:
+            ds = self._load(delivery, key, header_only=True)
+            contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+        if len(contexts) > 128:
+            raise PermanentFailure("more than 128 SOP class / transfer syntax pairs in one study")
         ae = AE(ae_title=self.calling_ae)
         ae.maximum_pdu_size = self.max_pdu
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
-        if len(contexts) > 128:
-            raise PermanentFailure("more than 128 SOP class / transfer syntax pairs in one study")
         for sop_class, syntax in sorted(contexts):
             ae.add_requested_context(sop_class, syntax)
         tls = (self.ssl_context, self.server_hostname) if self.ssl_context else None
@@ -118,8 +122,8 @@ class DicomDestination:
         if not assoc.is_established:
             raise TemporaryFailure(f"association with {self.called_ae} not established")
         try:
-            for ds in datasets:
-                status = assoc.send_c_store(ds)
+            for key in keys:
+                status = assoc.send_c_store(self._load(delivery, key))
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code in STORED:
                     continue
@@ -131,7 +135,7 @@ class DicomDestination:
         finally:
             if assoc.is_established:
                 assoc.release()
-        return len(datasets)
+        return len(keys)
 
     async def close(self) -> None:
         """No connection is kept between deliveries."""

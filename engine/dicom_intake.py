@@ -35,6 +35,7 @@ __all__ = [
     "DicomIntake",
     "dicom_servers",
     "read_header",
+    "remove_abandoned_spool",
     "submit_from_thread",
 ]
 
@@ -212,7 +213,7 @@ def _verdict(req: StoreRequest, header: dict[str, str] | None) -> Verdict:
                        "(0008,0018)")  # fmt: skip
     if not header["StudyInstanceUID"]:
         return Verdict("reject", f"{DATASET_MISMATCH:04X}", "", "Study Instance UID is missing", "(0020,000D)")
-    return Verdict()
+    return Verdict(ack_code=f"{SUCCESS:04X}")  # the DIMSE status, as HL7 keeps its ACK code
 
 
 def dicom_servers(
@@ -239,3 +240,24 @@ def dicom_servers(
         )
         for listener in listeners
     ]
+
+
+def remove_abandoned_spool(blobs: BlobStore) -> int:
+    """Spooled instances of a process that died before adopting them (never acknowledged)."""
+    removed = 0
+    for path in blobs.spool.glob("*.dcm"):
+        pid = path.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -114,3 +114,38 @@ def test_receiver_down_then_up_gets_the_study_after_retries(relais, tmp_path: Pa
     for path in files:
         assert stored[path.stem].PixelData == dcmread(path).PixelData
         assert stored[path.stem].PatientID == "B-777"
+
+
+def test_patient_without_a_mapping_is_dead_lettered_when_the_route_says_fail(relais, tmp_path: Path) -> None:
+    receiver = relais(listeners=dicom_listeners(ae_title="CHU_B"))
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    channel = CHANNEL.format(port=receiver.app.port_of("dicom")).replace(
+        'issuer_of_patient_id = "CHU_B"', 'issuer_of_patient_id = "CHU_B"\nunmapped_patient = "fail"'
+    )
+    (routes / "ct.toml").write_text(channel, encoding="utf-8")
+    hub = relais(listeners=dicom_listeners(), dicom={"study_quiet_period": 0.3},
+                 routing={"enabled": True, "routes_dir": str(routes)})  # fmt: skip
+    send(hub, sample("CT_small.dcm", tmp_path, patient_id="UNKNOWN-1"))
+    wait_for(lambda: "relais.DeadLettered" in study_topics(hub))
+    dead = [e.event for e in hub.store.read_log() if e.topic == "relais.DeadLettered"]
+    assert dead[0]["attempt"] == 1 and "patient_id_map" in dead[0]["error"]
+    assert "UNKNOWN-1" not in dead[0]["error"]  # no patient data in what operators read
+    assert [e for e in receiver.store.read_log()] == []
+
+
+def test_study_assembled_and_forwarded_on_a_postgresql_store(relais, tmp_path: Path, pg_url: str) -> None:
+    receiver = relais(listeners=dicom_listeners(ae_title="CHU_B"))
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    (routes / "ct.toml").write_text(CHANNEL.format(port=receiver.app.port_of("dicom")), encoding="utf-8")
+    hub = relais(store={"url": pg_url, "blob_dir": "blobs"}, listeners=dicom_listeners(),
+                 dicom={"study_quiet_period": 0.3}, routing={"enabled": True, "routes_dir": str(routes)})  # fmt: skip
+    study = generate_uid()
+    files = [sample("CT_small.dcm", tmp_path / "in", study_uid=study) for _ in range(2)]
+    send(hub, *files)
+    wait_for(lambda: "relais.Delivered" in study_topics(hub))
+    completed = [e.event for e in hub.store.read_log() if e.topic == "relais.StudyCompleted"]
+    assert [c["instances"] for c in completed] == [2]
+    got = [e.event for e in receiver.store.read_log() if e.topic == "relais.InstanceReceived"]
+    assert sorted(g["sop_instance_uid"] for g in got) == sorted(p.stem for p in files)

@@ -3,6 +3,7 @@ Success only after the instance is durable; duplicates, new versions and refusal
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample
+from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample, wait_for
 
 
 def topics(store: Any) -> list[str]:
@@ -87,6 +88,9 @@ def test_pynetdicom_resend_is_a_duplicate_and_other_content_a_flagged_version(re
     assert topics(store).count("relais.DuplicateReceived") == 1
     flags = [e.event["flags"] for e in store.read_log() if e.topic == "relais.MessageReceived"]
     assert flags == [[], ["control_id_reused"]]
+    assert store.query("SELECT DISTINCT status, ack_code FROM relais_messages") == [
+        {"status": "accepted", "ack_code": "0000"}
+    ]
 
 
 def _send_file(port: int, path: Path) -> int:
@@ -162,3 +166,118 @@ def test_wrong_called_ae_title_is_refused(relais) -> None:
     running = relais(listeners=dicom_listeners())
     assoc = scu(running.app.port_of("dicom"), called="WRONG")
     assert not assoc.is_established
+
+
+def test_tls_listener_stores_from_a_client_with_a_certificate(relais, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.tls_material import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca),
+           "require_client_cert": True}  # fmt: skip
+    running = relais(listeners=dicom_listeners(tls=tls))
+    port = running.app.port_of("dicom")
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    ds = dcmread(sample("CT_small.dcm", tmp_path))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RELAIS", tls_args=(ctx, "127.0.0.1"))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert topics(running.store).count("relais.InstanceReceived") == 1
+    plain = dcmtk("echoscu", "-to", "5", "-aec", "RELAIS", "127.0.0.1", port)  # no TLS: no association
+    assert plain.returncode != 0
+
+
+def test_a_silent_connection_does_not_hold_the_tls_listener(relais, tmp_path: Path) -> None:
+    import socket
+    import ssl
+
+    from tests.tls_material import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    running = relais(listeners=dicom_listeners(tls={"cert": str(pki.server_cert), "key": str(pki.server_key)}))
+    port = running.app.port_of("dicom")
+    with socket.create_connection(("127.0.0.1", port)):  # connects, never says a word
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="RELAIS", tls_args=(ctx, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+def test_spool_left_by_a_dead_process_is_removed_at_start(relais, tmp_path: Path) -> None:
+    running = relais(listeners=dicom_listeners())
+    spool = running.store.blobs.spool
+    blob_dir = running.config.resolve(running.config.store.blob_dir)
+    running.stop()
+    abandoned = spool / "0123abcd.999999999.dcm"  # no such process
+    abandoned.write_bytes(b"half an instance")
+    again = relais(listeners=dicom_listeners(), store={"url": f"sqlite:///{blob_dir.parent / 'relais.db'}",
+                                                       "blob_dir": str(blob_dir)})  # fmt: skip
+    assert not abandoned.exists()
+    assert again.app.port_of("dicom")
+
+
+def test_connection_cut_mid_dataset_stores_nothing_and_the_listener_goes_on(relais, tmp_path: Path) -> None:
+    import socket
+
+    from pynetdicom import evt
+
+    running = relais(listeners=dicom_listeners(max_pdu=131072))
+    port = running.app.port_of("dicom")
+    big = dcmread(sample("examples_ybr_color.dcm", tmp_path))  # ~225 KB: two P-DATA PDUs of 128 KB
+    sent = []
+
+    def cut_after_a_few(event: Any) -> None:  # association request, command, first half of the data
+        sent.append(1)
+        if len(sent) == 3:
+            event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(big.SOPClassUID, big.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RELAIS", evt_handlers=[(evt.EVT_PDU_SENT, cut_after_a_few)])
+    assert assoc.is_established
+    try:
+        assoc.send_c_store(big)
+    except Exception:
+        pass
+    assoc.abort()
+    assert topics(running.store) == []
+    assert list(running.store.blobs.spool.iterdir()) == []
+    uid = big.SOPInstanceUID.encode()
+
+    def holds_it(path: Path) -> bool:
+        try:
+            with path.open("rb") as f:
+                return uid in f.read(1024)
+        except OSError:  # gone meanwhile (another process's file)
+            return False
+
+    def partial_files() -> list[Path]:  # pynetdicom's temporary files that hold this instance
+        return [p for p in Path(tempfile.gettempdir()).glob("*.dcm") if holds_it(p)]
+
+    assert wait_for(lambda: not partial_files())
+    done = dcmtk("storescu", "-aec", "RELAIS", "127.0.0.1", port, sample("CT_small.dcm", tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert topics(running.store).count("relais.InstanceReceived") == 1
+
+
+def test_dicom_listener_settings_are_checked_at_load(tmp_path: Path) -> None:
+    from engine.config import ConfigError, load_config
+
+    path = tmp_path / "config.toml"
+    path.write_text('[[listeners.dicom]]\nname = "dicom"\nmax_pdu = 16384\n', encoding="utf-8")
+    expected = r"listeners\.dicom\[0\]\.max_pdu: Input should be greater than or equal to 131072"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    path.write_text('[[listeners.mllp]]\nname = "edge"\n[[listeners.dicom]]\nname = "edge"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="listener names must be unique"):
+        load_config(path)

@@ -329,3 +329,54 @@ settings = {{ folder = "{drop}", filename_template = "{{filename}}" }}
     assert decision(running, uuid.UUID(r.json()["id"])).topic == "relais.MessageRouted"
     dropped = wait_for(lambda: list(drop.glob("*")), "the document in the drop folder")
     assert [p.name for p in dropped] == ["cr.pdf"] and dropped[0].read_bytes() == CR_PDF
+
+
+def test_a_mail_whose_documents_were_refused_goes_to_quarantine_and_survives_a_restart(relais, tmp_path: Path) -> None:
+    quarantine = tmp_path / "quarantine"
+    routes = write_routes(
+        tmp_path / "routes",
+        {
+            "documents": f"""
+source.kinds = ["document"]
+[[destination]]
+name = "dpi"
+type = "file"
+settings = {{ folder = "{tmp_path / "dpi"}" }}
+""",
+            "quarantine": f"""
+source.kinds = ["mail"]
+filter = {{ metadata = "integration_error", in = ["INS-MISMATCH", "INS-MISSING", "XDM-UNREADABLE"] }}
+[[destination]]
+name = "quarantine"
+type = "file"
+settings = {{ folder = "{quarantine}", filename_template = "{{message_id}}.eml" }}
+""",
+        },
+    )
+    config = {"listeners": {"mllp": [], "smtp": [smtp_listener()]},
+              "routing": {"enabled": True, "routes_dir": str(routes)}}  # fmt: skip
+    running = relais(**config)
+    other_patient = Mail(xdm=xdm_zip([Doc(data=cda(ins="180000000000000"))]))
+    with session(running.app.smtp["smtp"].bound_port) as client:
+        client.send_message(other_patient.build())
+    message_id = uuid.UUID(running.store.query("SELECT message_id FROM relais_messages")[0]["message_id"])
+    routed = decision(running, message_id)
+    assert routed.event["channels"] == ["quarantine"]
+    wait_for(lambda: list(quarantine.glob("*.eml")), "the mail in quarantine")
+    assert not (tmp_path / "dpi").exists()
+    # The same data folder started again: the mail is not routed a second time.
+    home = running.config.base_dir
+    running.stop()
+    from tests.conftest import make_config, start_relais
+
+    again = start_relais(make_config(home, **config))
+    try:
+        # A later mail routed means the router is past the first one (it follows log order).
+        with session(again.app.smtp["smtp"].bound_port) as client:
+            client.send_message(Mail(xdm=xdm_zip([Doc(data=cda(ins="180000000000000"))])).build())
+        later = again.store.query("SELECT message_id FROM relais_messages WHERE message_id <> ?", [str(message_id)])
+        assert decision(again, uuid.UUID(later[0]["message_id"])).event["channels"] == ["quarantine"]
+        wait_for(lambda: len(list(quarantine.glob("*.eml"))) == 2, "the later mail in quarantine")
+        assert [e.topic for e in again.store.events_of(message_id)].count("relais.MessageRouted") == 1
+    finally:
+        again.stop()

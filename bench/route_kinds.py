@@ -84,8 +84,9 @@ def submissions(kind: str, n: int, inline_limit: int) -> list[Submission]:
         ).encode()
         request, contents = parse_submission(body)
         for i in range(n):
+            key = f"k{i}"
             out.append(build_submission(request, contents, listener="http", peer="127.0.0.1:1", client="bench",
-                                        sender="bench", idempotency_key=f"k{i}", inline_limit=inline_limit))  # fmt: skip
+                                        sender="bench", idempotency_key=key, inline_limit=inline_limit))  # fmt: skip
     else:
         for i in range(n):
             text = adt("A01", control_id=f"C{i}")

@@ -163,8 +163,8 @@ class RouteTest(_Strict):
 
     @model_validator(mode="after")
     def _input_for_hl7(self) -> RouteTest:
-        if self.kind == "hl7" and self.input is None:
-            raise ValueError("an HL7 test needs 'input' (a message file)")
+        if self.kind == "hl7" and (self.input is None or self.metadata):
+            raise ValueError("an HL7 test gives 'input' (a message file), not 'metadata'")
         if self.kind != "hl7" and (self.input is not None or self.expect_fields):
             raise ValueError(f"a {self.kind} test gives 'metadata', not 'input' or 'expect_fields'")
         return self

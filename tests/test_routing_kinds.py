@@ -380,3 +380,38 @@ settings = {{ folder = "{quarantine}", filename_template = "{{message_id}}.eml" 
         assert [e.topic for e in again.store.events_of(message_id)].count("relais.MessageRouted") == 1
     finally:
         again.stop()
+
+
+def test_a_refused_mail_is_never_routed_and_a_plain_attachment_is_a_document(relais, tmp_path: Path) -> None:
+    drop = tmp_path / "drop"
+    routes = write_routes(
+        tmp_path / "routes",
+        {
+            "everything": f"""
+source.kinds = ["mail", "document"]
+[[destination]]
+name = "drop"
+type = "file"
+settings = {{ folder = "{drop}", filename_template = "{{filename}}" }}
+"""
+        },
+    )
+    running = relais(listeners={"mllp": [], "smtp": [smtp_listener(max_message_bytes=200_000)]},
+                     routing={"enabled": True, "routes_dir": str(routes)})  # fmt: skip
+    big = Mail(attachments=[("scan.pdf", "application/pdf", b"%PDF-1.4\n" + b"x" * 400_000)])
+    with session(running.app.smtp["smtp"].bound_port) as client:
+        small = Mail(attachments=[("ordo.pdf", "application/pdf", PDF)])
+        assert client.sendmail(small.sender, small.to, small.bytes()) == {}
+        client.mail(big.sender)  # no SIZE announced: the limit is found in DATA
+        client.rcpt(big.to[0])
+        code, _ = client.data(big.bytes())
+        assert code == 552
+    rows = running.store.query("SELECT message_id, status FROM relais_messages ORDER BY received_at")
+    assert [r["status"] for r in rows] == ["accepted", "reject"]
+    routed = decision(running, uuid.UUID(rows[0]["message_id"]))
+    # The mail (no file name: its delivery id) and its attachment (its own name) are dropped.
+    assert sorted(d["details"]["kind"] for d in routed.event["deliveries"]) == ["document", "mail"]
+    wait_for(lambda: len(list(drop.glob("*"))) == 2, "the mail and its attachment in the drop folder")
+    assert (drop / "ordo.pdf").read_bytes() == PDF
+    # A refused mail (here a 552, recorded with its first bytes) gets no routing decision.
+    assert not [e for e in events_of(running, uuid.UUID(rows[1]["message_id"])) if "Routed" in e.topic]

@@ -284,6 +284,14 @@ def test_routes_try_and_route_tests_cover_documents(relais, tmp_path: Path) -> N
         "expect_destinations = []\n",
         encoding="utf-8",
     )
+    home = running.config.base_dir
+    (home / "config.toml").write_text(
+        '[store]\nurl = "sqlite:///relais.db"\nblob_dir = "blobs"\n[routing]\nenabled = false\n', encoding="utf-8"
+    )
+    out = subprocess.run([RELAIS, "--config", str(home / "config.toml"), "routes", "try", str(candidate), "--since",
+                          "2000-01-01"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "messages examined: 4, routed: 2, not routed: 2" in out.stdout and "drop: 2" in out.stdout
     report = dry_run(running.store, load_channel(candidate), "2000-01-01")
     assert (report.examined, report.routed, dict(report.per_destination)) == (4, 2, {"drop": 2})
     assert report.misses == {"document[0]: filter (metadata class_code): value differs": 2}

@@ -9,6 +9,7 @@ they derive together with their new position through the one writer: exactly onc
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import structlog
 
@@ -31,6 +32,9 @@ class LogFollower:
     # At most one commit of this follower per interval: followers must not double the
     # writer's commits under load (each of theirs covers up to `batch_size` messages).
     min_interval = 0.0
+    # After a read that found nothing of its topics, wait this long before reading again:
+    # a follower of rare events should not query the store after every commit of others.
+    idle_interval = 0.0
 
     def __init__(self, store: EventStore, ingestor: Ingestor) -> None:
         self.store = store
@@ -44,6 +48,19 @@ class LogFollower:
         """On a worker thread: what to append for the log after `after`, and the new position.
         The appendix must include the tracking upsert (see `track`)."""
         raise NotImplementedError
+
+    def select(self, after: int, topics: list[str]) -> tuple[list[Any], int]:
+        """Notifications of `topics` after `after`, and how far the log was read.
+
+        A follower of a rare topic (studies, mails) moves past the rest of the log: without
+        this it would scan everything since its last match again after every commit."""
+        head = self.store.recorder.max_notification_id() or 0
+        if head <= after:
+            return [], after
+        notes = list(
+            self.store.recorder.select_notifications(start=after + 1, limit=self.batch_size, stop=head, topics=topics)
+        )
+        return notes, notes[-1].id if len(notes) == self.batch_size else head
 
     def committed(self, appendix: Appendix) -> None:
         """On the loop, after the appendix is durable (e.g. wake who waits for it)."""
@@ -78,6 +95,11 @@ class LogFollower:
                         await self._signal.wait()
                 except TimeoutError:
                     pass
+                continue
+            if not (appendix.events or appendix.statements or appendix.payloads):
+                self.position = position  # only read past other topics: nothing to record
+                if self.idle_interval:
+                    await asyncio.sleep(self.idle_interval)
                 continue
             try:
                 await self.ingestor.append(appendix)

@@ -110,6 +110,7 @@ class MdnPlanner(LogFollower):
 
     name = "mdn"
     min_interval = 0.05
+    idle_interval = 0.1
 
     def __init__(self, store: EventStore, ingestor: Ingestor, senders: Mapping[str, tuple[str, str]]) -> None:
         super().__init__(store, ingestor)
@@ -117,11 +118,9 @@ class MdnPlanner(LogFollower):
 
     def plan(self, after: int) -> tuple[Appendix, int]:
         store = self.store
-        notes = store.recorder.select_notifications(
-            start=after + 1, limit=self.batch_size, topics=["relais.MailReceived"]
-        )
+        notes, position = self.select(after, ["relais.MailReceived"])
         if not notes:
-            return Appendix(), after
+            return Appendix(), position
         appendix = Appendix()
         rows: list[tuple[Any, ...]] = []
         now = _now()
@@ -161,8 +160,8 @@ class MdnPlanner(LogFollower):
             )  # fmt: skip
         if rows:
             appendix.statements.append((OUTBOX_INSERT, rows))
-        self.track(appendix, notes[-1].id)
-        return appendix, notes[-1].id
+        self.track(appendix, position)
+        return appendix, position
 
 
 class MdnDelivery(DeliveryWorkers):

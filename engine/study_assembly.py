@@ -80,11 +80,8 @@ class StudyAssembler(LogFollower):
     def plan(self, after: int) -> tuple[Appendix, int]:
         """New instances into the study tables, then the studies whose quiet period is over."""
         appendix = Appendix()
-        notes = self.store.recorder.select_notifications(
-            start=after + 1, limit=self.batch_size, topics=["relais.InstanceReceived"]
-        )
+        notes, position = self.select(after, ["relais.InstanceReceived"])
         fresh: set[str] = set()
-        position = after
         if notes:
             instances, studies = [], []
             for note in notes:
@@ -99,7 +96,6 @@ class StudyAssembler(LogFollower):
                                   json.dumps(facts)))  # fmt: skip
                 studies.append((study, e["recorded_at"], note.id))
             appendix.statements += [(INSERT_INSTANCE, instances), (UPSERT_STUDY, studies)]
-            position = notes[-1].id
             self.track(appendix, position)
         cutoff = _iso(datetime.now(UTC) - timedelta(seconds=self.quiet_period))
         for row in self.store.query(DUE_STUDIES, [cutoff]):
@@ -171,6 +167,8 @@ class StudyAssembler(LogFollower):
                 await asyncio.sleep(1.0)
                 continue
             if not appendix.events and not appendix.statements:
+                self.position = position  # read past other topics: nothing to record
+                await asyncio.sleep(min(self.tick, 0.1))  # not a store query after every commit of others
                 self._signal.clear()
                 try:
                     async with asyncio.timeout(self.tick):

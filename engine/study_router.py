@@ -67,6 +67,7 @@ def route_study(channels: Sequence[Channel], completed: dict[str, Any], position
 class StudyRouter(LogFollower):
     name = "study-router"
     min_interval = 0.05
+    idle_interval = 0.1
 
     def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
         super().__init__(store, ingestor)
@@ -76,11 +77,9 @@ class StudyRouter(LogFollower):
         self.channels = tuple(channels)
 
     def plan(self, after: int) -> tuple[Appendix, int]:
-        notes = self.store.recorder.select_notifications(
-            start=after + 1, limit=self.batch_size, topics=["relais.StudyCompleted"]
-        )
+        notes, position = self.select(after, ["relais.StudyCompleted"])
         if not notes:
-            return Appendix(), after
+            return Appendix(), position
         appendix = Appendix()
         rows: list[tuple[Any, ...]] = []
         now = _now()
@@ -99,5 +98,5 @@ class StudyRouter(LogFollower):
                     )  # fmt: skip
         if rows:
             appendix.statements.append((OUTBOX_INSERT, rows))
-        self.track(appendix, notes[-1].id)
-        return appendix, notes[-1].id
+        self.track(appendix, position)
+        return appendix, position

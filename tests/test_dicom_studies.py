@@ -94,3 +94,23 @@ def test_completion_is_recorded_once_across_restarts(relais, tmp_path: Path) -> 
     store_files(third, marker)
     wait_for(lambda: len(completions(third)) == 2)
     assert [c["instances"] for c in completions(third) if c["study_instance_uid"] == study] == [2]
+
+
+def test_followers_of_rare_events_read_past_hl7_traffic_without_recording_anything(relais, tmp_path: Path) -> None:
+    """Study assembly and study routing follow InstanceReceived / StudyCompleted: under HL7
+    traffic they move their position past the log head instead of scanning the whole log
+    since their last match after every commit, and they commit nothing."""
+    from tests.conftest import adt
+    from tests.test_routing import send, topics
+
+    (tmp_path / "routes").mkdir()
+    running = relais(routing={"enabled": True, "routes_dir": str(tmp_path / "routes")})
+    for i in range(5):
+        assert send(running.port, adt("A01", control_id=f"RARE-{i}")) == "AA"
+    assert wait_for(lambda: all("NotRouted" in topics(running, f"RARE-{i}") for i in range(5)))
+    head = running.store.recorder.max_notification_id()
+    studies, study_router = running.app.studies, running.app.study_router
+    assert studies is not None and study_router is not None
+    assert wait_for(lambda: studies.position >= head and study_router.position >= head)
+    tracked = {r["name"] for r in running.store.query("SELECT name FROM relais_tracking")}
+    assert "study-assembly" not in tracked and "study-router" not in tracked

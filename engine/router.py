@@ -2,7 +2,9 @@
 
 For each accepted message it records `MessageRouted` (channels, deliveries with their
 transformed payload) or `NotRouted` (why, per channel), fills the outbox and moves its
-position, all in one transaction: exactly once, across restarts.
+position, all in one transaction: exactly once, across restarts. HL7 messages go through
+`plan_routes`; mails and REST submissions as items (themselves and their documents, see
+engine/route_items.py); DICOM instances wait for their study (engine/study_router.py).
 """
 
 from __future__ import annotations

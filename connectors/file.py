@@ -18,7 +18,8 @@ from connectors.destination import Delivery, DeliveryOutcome, PermanentFailure, 
 __all__ = ["DEFAULT_TEMPLATE", "PLACEHOLDERS", "FileDropDestination", "check_template", "safe_basename"]
 
 DEFAULT_TEMPLATE = "{message_id}-{delivery_id}.hl7"
-PLACEHOLDERS = frozenset({"message_id", "delivery_id", "channel", "destination", "control_id"})
+# {filename}: a routed document's own file name (its delivery id when it has none).
+PLACEHOLDERS = frozenset({"message_id", "delivery_id", "channel", "destination", "control_id", "filename"})
 MAX_NAME = 200  # bytes-ish, well under the usual 255-byte limit, leaving room for "-N" and temp names
 MAX_SUFFIX = 1000
 
@@ -58,7 +59,7 @@ def safe_basename(name: str) -> str:
 
 class FileDropDestination:
     """Drop each delivery into `folder` as `filename_template` (placeholders: message_id,
-    delivery_id, channel, destination, control_id).
+    delivery_id, channel, destination, control_id, filename).
 
     A file of the same name with the same content is a redelivery and is left as is; a
     different file of the same name is never overwritten: the new one gets `-2`, `-3`...
@@ -79,6 +80,7 @@ class FileDropDestination:
             "channel": delivery.channel,
             "destination": delivery.destination,
             "control_id": str(delivery.metadata.get("control_id", "")),
+            "filename": str(delivery.metadata.get("filename") or delivery.delivery_id),
         }
         return safe_basename(self.filename_template.format_map(values))
 

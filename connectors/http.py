@@ -24,6 +24,7 @@ import httpx
 import structlog
 
 from connectors.destination import Delivery, DeliveryOutcome, PermanentFailure, TemporaryFailure
+from connectors.file import safe_basename
 
 __all__ = ["RETRYABLE_STATUSES", "HttpDestination", "is_hl7_v2", "json_envelope"]
 
@@ -95,6 +96,9 @@ class HttpDestination:
         else:
             content = delivery.payload
             headers["Content-Type"] = delivery.content_type or "application/octet-stream"
+            if delivery.metadata.get("filename"):  # a routed document: its own file name
+                name = safe_basename(str(delivery.metadata["filename"]))
+                headers["Content-Disposition"] = f'attachment; filename="{name}"'
         headers["Idempotency-Key"] = delivery.delivery_id
         headers["X-Relais-Message-Id"] = delivery.message_id
         if self._bearer_token:

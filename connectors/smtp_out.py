@@ -19,6 +19,7 @@ from email.parser import BytesHeaderParser
 import structlog
 
 from connectors.destination import Delivery, DeliveryOutcome, PermanentFailure, TemporaryFailure
+from connectors.file import safe_basename
 
 __all__ = ["SmtpDestination", "recipients_of"]
 
@@ -77,8 +78,11 @@ class SmtpDestination:
         msg.set_content(f"Relais delivery {delivery.delivery_id} (message {delivery.message_id}).\n")
         maintype, _, subtype = delivery.content_type.partition("/")
         ext = EXTENSIONS.get(delivery.content_type, "bin")
+        # A routed document keeps its own file name (made safe: no path, no control characters).
+        named = str(delivery.metadata.get("filename") or "")
+        filename = safe_basename(named) if named else f"{delivery.delivery_id}.{ext}"
         msg.add_attachment(delivery.payload, maintype=maintype or "application", subtype=subtype or "octet-stream",
-                           filename=f"{delivery.delivery_id}.{ext}")  # fmt: skip
+                           filename=filename)  # fmt: skip
         return msg.as_bytes(policy=email.policy.SMTP), list(self.to)
 
     def _send(self, raw: bytes, to: list[str]) -> str:

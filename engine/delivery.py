@@ -33,9 +33,11 @@ log = structlog.get_logger("relais.delivery")
 # its key: nothing older is pending (retrying) or dead-lettered by a blocking destination.
 # One pass over the open rows (index on state), whatever the number of rows per key.
 DUE_DELIVERIES = """
-SELECT o.*, p.data AS inline_payload, m.control_id, m.message_type, m.trigger_event, m.sender
+SELECT o.*, p.data AS inline_payload, m.control_id, m.message_type, m.trigger_event, m.sender,
+       dd.details AS delivery_details
 FROM relais_outbox o
 LEFT JOIN relais_payloads p ON p.sha256 = o.payload_sha256
+LEFT JOIN relais_delivery_details dd ON dd.delivery_id = o.delivery_id
 LEFT JOIN relais_messages m ON m.message_id = o.message_id
 JOIN (SELECT channel, destination, ordering_key, MIN(seq) AS head FROM relais_outbox
       WHERE state = 'pending' OR (state = 'dead' AND blocks = 1)
@@ -273,10 +275,13 @@ class DeliveryWorkers:
 def _metadata(row: dict[str, Any]) -> dict[str, Any]:
     """What a destination may use to name or route what it sends (never patient data)."""
     app, _, fac = (row.get("sender") or "").partition("|")
-    return {
+    meta: dict[str, Any] = {
         "control_id": row.get("control_id") or "",
         "message_type": row.get("message_type") or "",
         "trigger_event": row.get("trigger_event") or "",
         "sending_application": app,
         "sending_facility": fac,
     }
+    if row.get("delivery_details"):  # a document's filename and content type (engine/route_items.py)
+        meta.update(json.loads(row["delivery_details"]))
+    return meta

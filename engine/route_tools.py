@@ -11,9 +11,10 @@ from typing import Any
 
 from engine.er7 import Er7Message
 from engine.hl7_intake import decode_hl7, read_metadata
-from engine.router import plan_routes
-from engine.routes import Channel, RouteInput
-from event_store import EventStore
+from engine.route_items import RouteItem, takes
+from engine.router import plan_message
+from engine.routes import Channel, RouteInput, RouteTest
+from event_store import EventStore, PayloadRef
 from event_store.events import MessageRouted
 
 __all__ = ["DryRun", "TestOutcome", "dry_run", "run_route_tests"]
@@ -33,6 +34,9 @@ def run_route_tests(channels: list[Channel]) -> list[TestOutcome]:
     for channel in channels:
         for i, test in enumerate(channel.spec.test):
             name = test.name or f"test[{i}]"
+            if test.input is None:  # a mail, document, REST submission or study: metadata only
+                outcomes.append(_test_item(channel, name, test))
+                continue
             raw = (channel.path.parent / test.input).read_bytes()
             text, codec, _ = decode_hl7(raw, "iso-8859-15")
             message = Er7Message.parse(text)
@@ -54,6 +58,17 @@ def run_route_tests(channels: list[Channel]) -> list[TestOutcome]:
     return outcomes
 
 
+def _test_item(channel: Channel, name: str, test: RouteTest) -> TestOutcome:
+    live = Channel(channel.name, channel.path, channel.spec.model_copy(update={"enabled": True}))
+    item = RouteItem(test.kind, test.kind, PayloadRef("", 0, "", True), dict(test.metadata))
+    why = takes(live, item, test.listener)
+    got = [] if why else [d.name for d in channel.destinations]
+    problems = []
+    if sorted(got) != sorted(test.expect_destinations):
+        problems.append(f"destinations: expected {test.expect_destinations}, got {got}" + (f" ({why})" if why else ""))
+    return TestOutcome(channel.name, name, not problems, problems)
+
+
 def _route_ignoring_enabled(channel: Channel, item: RouteInput, codec: str) -> Any:
     if channel.spec.enabled:
         return channel.route(item, codec)
@@ -71,9 +86,20 @@ class DryRun:
 
 
 def dry_run(store: EventStore, channel: Channel, since: str, until: str | None = None, samples: int = 3) -> DryRun:
-    """Run stored accepted HL7 messages received in [since, until) through `channel`."""
-    sql = "SELECT message_id FROM relais_messages WHERE status = 'accepted' AND protocol = 'mllp' AND received_at >= ?"
-    params: list[Any] = [since]
+    """Run stored accepted messages received in [since, until) through `channel`: HL7 over
+    MLLP, and mails / REST submissions when the channel takes mail, document or rest."""
+    protocols = ["mllp"] if "hl7" in channel.spec.source.kinds else []
+    if {"mail", "document"} & set(channel.spec.source.kinds):
+        protocols.append("smtp")
+    if {"rest", "document"} & set(channel.spec.source.kinds):
+        protocols.append("rest")
+    if not protocols:
+        return DryRun()
+    sql = (
+        "SELECT message_id FROM relais_messages WHERE status = 'accepted' "
+        f"AND protocol IN ({','.join('?' * len(protocols))}) AND received_at >= ?"
+    )
+    params: list[Any] = [*protocols, since]
     if until:
         sql += " AND received_at < ?"
         params.append(until)
@@ -86,14 +112,14 @@ def dry_run(store: EventStore, channel: Channel, since: str, until: str | None =
         if not events:
             continue
         received = events[0].event
-        raw = store.payload(received["payload"]["sha256"])
-        plan = plan_routes([live], message_id, 0, received, raw, store.inline_limit)
+        plan = plan_message([live], store, message_id, 0, received)
         report.examined += 1
         if isinstance(plan.routed, MessageRouted):
             report.routed += 1
             for d in plan.routed.deliveries:
                 report.per_destination[d.destination] += 1
-            if len(report.samples) < samples and plan.payloads:
+            if len(report.samples) < samples and plan.payloads:  # HL7: what the transforms changed
+                raw = store.payload(received["payload"]["sha256"])
                 codec = received.get("metadata", {}).get("decoded_as") or "utf-8"
                 after = plan.payloads[0][1].decode(codec, errors="replace")
                 report.samples.append((str(message_id), raw.decode(codec, errors="replace"), after))

@@ -2,7 +2,9 @@
 
 For each accepted message it records `MessageRouted` (channels, deliveries with their
 transformed payload) or `NotRouted` (why, per channel), fills the outbox and moves its
-position, all in one transaction: exactly once, across restarts.
+position, all in one transaction: exactly once, across restarts. HL7 messages go through
+`plan_routes`; mails and REST submissions as items (themselves and their documents, see
+engine/route_items.py); DICOM instances wait for their study (engine/study_router.py).
 """
 
 from __future__ import annotations
@@ -15,20 +17,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import structlog
 
 from engine.follower import LogFollower
 from engine.ingest import Appendix, Ingestor, uuid7
+from engine.route_items import SUBMISSION_PROTOCOLS, items_of, route_items
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
 from event_store import EventStore
 from event_store.events import MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
 
-__all__ = ["OUTBOX_INSERT", "Plan", "Router", "plan_routes"]
+__all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "plan_message", "plan_routes"]
 
 log = structlog.get_logger("relais.router")
 
 OUTBOX_INSERT = "INSERT INTO relais_outbox VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+DETAILS_INSERT = "INSERT INTO relais_delivery_details VALUES (?,?)"
 
 
 def _now() -> str:
@@ -78,6 +83,20 @@ def plan_routes(
         reason = "no channel" if not channels else "no channel matched"
         return Plan(message_id, position, NotRouted(now, reason, misses, position), [])
     return Plan(message_id, position, MessageRouted(now, matched, deliveries, position), payloads)
+
+
+def plan_message(
+    channels: Sequence[Channel], store: EventStore, message_id: uuid.UUID, position: int, received: dict[str, Any]
+) -> Plan:
+    """Route one stored message, whatever its kind (reads the store, writes nothing): a mail
+    or a REST submission as items (engine/route_items.py), anything else as HL7."""
+    if received.get("protocol") in SUBMISSION_PROTOCOLS:
+        events = [(r.topic, r.event) for r in store.events_of(message_id)]
+        request = store.payload(received["payload"]["sha256"]) if received.get("protocol") == "rest" else b""
+        items = items_of(received, events, request)
+        return Plan(message_id, position, route_items(channels, items, received.get("listener", ""), position), [])
+    raw = store.payload(received["payload"]["sha256"])
+    return plan_routes(channels, message_id, position, received, raw, store.inline_limit)
 
 
 class Router(LogFollower):
@@ -156,6 +175,7 @@ class Router(LogFollower):
         }
         appendix = Appendix()
         outbox_rows: list[tuple[Any, ...]] = []
+        detail_rows: list[tuple[Any, ...]] = []
         channels = self.channels
         now = _now()
         for note in notes:
@@ -166,8 +186,7 @@ class Router(LogFollower):
             received = record.event
             if received.get("protocol") == "dicom":
                 continue  # DICOM instances are routed as studies, once complete (engine/study_router.py)
-            raw = store.payload(received["payload"]["sha256"])
-            plan = plan_routes(channels, message_id, note.id, received, raw, store.inline_limit)
+            plan = plan_message(channels, store, message_id, note.id, received)
             appendix.events.append((message_id, plan.routed))
             appendix.payloads.extend(plan.payloads)
             if isinstance(plan.routed, MessageRouted):
@@ -179,8 +198,12 @@ class Router(LogFollower):
                             0, 0, now, "", now, now,
                         )
                     )  # fmt: skip
+                    if d.details:
+                        detail_rows.append((d.delivery_id, orjson.dumps(d.details).decode()))
         if outbox_rows:
             appendix.statements.append((OUTBOX_INSERT, outbox_rows))
+        if detail_rows:
+            appendix.statements.append((DETAILS_INSERT, detail_rows))
         position = notes[-1].id
         self.track(appendix, position)
         return appendix, position

@@ -154,10 +154,20 @@ class Source(_Strict):
 
 class RouteTest(_Strict):
     name: str = ""
-    input: Path
+    input: Path | None = Field(None, description="the HL7 message file (kind hl7)")
     listener: str = "mllp"
+    kind: SourceKind = "hl7"
+    metadata: dict[str, Any] = Field(default_factory=dict, description="other kinds: the item's metadata")
     expect_destinations: list[str] = Field(default_factory=list)
     expect_fields: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _input_for_hl7(self) -> RouteTest:
+        if self.kind == "hl7" and (self.input is None or self.metadata):
+            raise ValueError("an HL7 test gives 'input' (a message file), not 'metadata'")
+        if self.kind != "hl7" and (self.input is not None or self.expect_fields):
+            raise ValueError(f"a {self.kind} test gives 'metadata', not 'input' or 'expect_fields'")
+        return self
 
 
 class ChannelFile(_Strict):
@@ -184,6 +194,12 @@ class ChannelFile(_Strict):
         for i, t in enumerate(self.transform):
             if t.map is not None and t.table not in self.tables:
                 raise ValueError(f"transform[{i}]: table {t.table!r} is not defined under [tables]")
+        if self.transform and "hl7" not in self.source.kinds:
+            # Mails, documents, REST submissions and studies are delivered as received.
+            raise ValueError(
+                f"transform: [[transform]] changes HL7 v2 fields, but source.kinds {self.source.kinds} "
+                "takes no HL7 message; remove the transforms or add 'hl7' to source.kinds"
+            )
         return self
 
 
@@ -363,7 +379,7 @@ def load_channel(path: Path) -> Channel:
         except ValueError as e:
             raise RouteError(f"{path}: destination[{i}] ({dest.name}): {e}") from e
     for i, test in enumerate(spec.test):
-        if not (path.parent / test.input).is_file():
+        if test.input is not None and not (path.parent / test.input).is_file():
             raise RouteError(f"{path}: test[{i}].input: no such file {test.input}")
     return Channel(spec.name or path.stem, path, spec)
 

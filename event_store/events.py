@@ -95,6 +95,8 @@ class PlannedDelivery:
     destination: str
     ordering_key: str
     payload: PayloadRef
+    # What the destination is told about a non-HL7 payload (kind, filename, content type).
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,8 @@ SIDE_TABLES = [
         request_id TEXT PRIMARY KEY, kind TEXT NOT NULL, args TEXT NOT NULL,
         requested_by TEXT NOT NULL, reason TEXT NOT NULL, created_at TEXT NOT NULL,
         done_at TEXT, result TEXT)""",
+    # What a destination is told about a delivery's payload (document filename...), JSON.
+    "CREATE TABLE IF NOT EXISTS relais_delivery_details (delivery_id TEXT PRIMARY KEY, details TEXT NOT NULL)",
 ]
 INSERT_PAYLOAD = (
     "INSERT INTO relais_payloads (sha256, content_type, size, data) VALUES (?,?,?,?) ON CONFLICT DO NOTHING"

@@ -398,7 +398,7 @@ def test_the_api_runs_beside_acceptor_processes(relais) -> None:
 
 
 def test_the_status_follows_the_routers_decision(relais, tmp_path) -> None:
-    """The router's decision shows in the status (today it routes HL7 only: a submission is
+    """The router's decision shows in the status (no channel here: the submission is
     recorded as not routed, with the router's reason)."""
     routes = tmp_path / "routes"
     routes.mkdir()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import time
 import weakref
@@ -204,8 +206,15 @@ class RelaisSMTP(SMTP):
         size = 0
         too_big = False
         body = b""
+        # Clients with Nagle's algorithm on (smtplib, most MTAs) hold a mail's last small
+        # segment until its predecessors are ACKed; a delayed ACK then costs ~40 ms per mail.
+        raw_socket = self.transport.get_extra_info("socket") if self.transport else None
+        quickack = getattr(socket, "TCP_QUICKACK", None)
         try:
             while True:
+                if raw_socket is not None and quickack is not None:
+                    with contextlib.suppress(OSError):
+                        raw_socket.setsockopt(socket.IPPROTO_TCP, quickack, 1)
                 try:
                     chunk = await reader.read(1 << 16)
                 except asyncio.CancelledError:  # closed by the client, or by the idle timeout

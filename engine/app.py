@@ -207,13 +207,10 @@ class RelaisApp:
 
     async def _start_dicom(self) -> None:
         """DICOM listeners (in this process, whatever `acceptors` says) and study assembly."""
-        from engine.dicom_intake import dicom_servers, remove_abandoned_spool
+        from engine.dicom_intake import dicom_servers
         from engine.study_assembly import StudyAssembler
 
         assert self.store is not None and self.ingestor is not None
-        removed = await asyncio.to_thread(remove_abandoned_spool, self.store.blobs)
-        if removed:
-            log.warning("abandoned_dicom_spool_removed", count=removed)
         self.studies = StudyAssembler(self.store, self.ingestor, self.config.dicom.study_quiet_period)
         await self.studies.start()
         if self.router is not None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.toml_files import describe_validation_error, read_toml
 
@@ -32,6 +32,15 @@ DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1"
 
 class ConfigError(Exception):
     """The configuration file is missing or invalid; the message says where and why."""
+
+
+def _check_cidrs(v: list[str]) -> list[str]:
+    for cidr in v:
+        ipaddress.ip_network(cidr, strict=False)
+    return v
+
+
+Cidrs = Annotated[list[str], AfterValidator(_check_cidrs)]  # a peer allow-list, every entry a network
 
 
 class _Strict(BaseModel):
@@ -59,7 +68,7 @@ class MllpListener(_Strict):
         default_factory=list,
         description="'APP|FACILITY' (MSH-3.1|MSH-4.1), '*' matches anything; empty = all",
     )
-    allowed_peers: list[str] = Field(default_factory=list, description="CIDR; empty = all")
+    allowed_peers: Cidrs = Field(default_factory=list, description="CIDR; empty = all")
     accepted_versions: list[str] = Field(default_factory=lambda: list(DEFAULT_VERSIONS))
     validation: Literal["lenient", "strict"] = "lenient"
     required_fields: list[str] = Field(
@@ -70,13 +79,6 @@ class MllpListener(_Strict):
     )
     default_charset: str = Field("iso-8859-15", description="used when MSH-18 is empty and the bytes are not UTF-8")
     tls: TlsSettings | None = None
-
-    @field_validator("allowed_peers")
-    @classmethod
-    def _cidrs(cls, v: list[str]) -> list[str]:
-        for cidr in v:
-            ipaddress.ip_network(cidr, strict=False)
-        return v
 
     @field_validator("allowed_senders")
     @classmethod
@@ -125,19 +127,12 @@ class DicomListener(_Strict):
     port: int = Field(11112, ge=0, le=65535)
     ae_title: str = Field("RELAIS", min_length=1, max_length=16)
     allowed_calling_aets: list[str] = Field(default_factory=list, description="empty: any calling AE title")
-    allowed_peers: list[str] = Field(default_factory=list, description="CIDR; empty = all")
+    allowed_peers: Cidrs = Field(default_factory=list, description="CIDR; empty = all")
     max_pdu: int = Field(1024 * 1024, ge=128 * 1024, description="maximum PDU length we accept, bytes")
     max_associations: int = Field(32, gt=0)
     network_timeout: float = Field(60.0, gt=0, description="seconds without a byte before closing")
     store_timeout: float = Field(30.0, gt=0, description="seconds to wait for the commit before 0xA700")
     tls: TlsSettings | None = None
-
-    @field_validator("allowed_peers")
-    @classmethod
-    def _cidrs(cls, v: list[str]) -> list[str]:
-        for cidr in v:
-            ipaddress.ip_network(cidr, strict=False)
-        return v
 
 
 class SmtpAccount(_Strict):
@@ -174,14 +169,7 @@ class SmtpListener(_Strict):
     mdn_max_attempts: int = Field(10, ge=1)
     readers: int = Field(0, ge=0, le=64, description="processes that read MIME and XDM archives; 0: on the event loop")
     max_connections: int = Field(64, gt=0)
-    allowed_peers: list[str] = Field(default_factory=list, description="CIDR; empty = all")
-
-    @field_validator("allowed_peers")
-    @classmethod
-    def _smtp_cidrs(cls, v: list[str]) -> list[str]:
-        for cidr in v:
-            ipaddress.ip_network(cidr, strict=False)
-        return v
+    allowed_peers: Cidrs = Field(default_factory=list, description="CIDR; empty = all")
 
 
 class Listeners(_Strict):

@@ -35,7 +35,6 @@ __all__ = [
     "DicomIntake",
     "dicom_servers",
     "read_header",
-    "remove_abandoned_spool",
     "submit_from_thread",
 ]
 
@@ -240,24 +239,3 @@ def dicom_servers(
         )
         for listener in listeners
     ]
-
-
-def remove_abandoned_spool(blobs: BlobStore) -> int:
-    """Spooled instances of a process that died before adopting them (never acknowledged)."""
-    removed = 0
-    for path in blobs.spool.glob("*.dcm"):
-        pid = path.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

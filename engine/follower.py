@@ -35,6 +35,9 @@ class LogFollower:
     # After a read that found nothing of its topics, wait this long before reading again:
     # a follower of rare events should not query the store after every commit of others.
     idle_interval = 0.0
+    # With nothing new, read again after the next commit or after this long at the latest
+    # (a follower whose work also comes from the clock sets it to its tick).
+    wake_interval = 1.0
 
     def __init__(self, store: EventStore, ingestor: Ingestor) -> None:
         self.store = store
@@ -88,18 +91,18 @@ class LogFollower:
                 log.error("follower_failed", follower=self.name, error=type(e).__name__, detail=str(e)[:200])
                 await asyncio.sleep(1.0)
                 continue
-            if position == self.position:
+            if not (appendix.events or appendix.statements or appendix.payloads):
+                moved, self.position = position != self.position, position
+                if moved:  # only read past other topics: nothing to record
+                    if self.idle_interval:
+                        await asyncio.sleep(self.idle_interval)
+                    continue
                 self._signal.clear()
                 try:
-                    async with asyncio.timeout(1.0):
+                    async with asyncio.timeout(self.wake_interval):
                         await self._signal.wait()
                 except TimeoutError:
                     pass
-                continue
-            if not (appendix.events or appendix.statements or appendix.payloads):
-                self.position = position  # only read past other topics: nothing to record
-                if self.idle_interval:
-                    await asyncio.sleep(self.idle_interval)
                 continue
             try:
                 await self.ingestor.append(appendix)

@@ -25,7 +25,7 @@ from engine.ingest import IngestUnavailable, Receipt, Submission, Submitter, Ver
 from event_store import Event
 from event_store.events import NotRouted
 
-__all__ = ["Hl7Intake", "decode_hl7", "read_metadata"]
+__all__ = ["Hl7Intake", "decode_hl7", "read_identifiers", "read_metadata"]
 
 log = structlog.get_logger("relais.hl7")
 
@@ -76,7 +76,8 @@ def decode_hl7(raw: bytes, default_charset: str) -> tuple[str, str, list[str]]:
         return raw.decode(codec, errors="replace"), codec, flags
 
 
-def _identifiers(msg: Er7Message, segment: str, field: int) -> list[dict[str, str]]:
+def read_identifiers(msg: Er7Message, segment: str, field: int) -> list[dict[str, str]]:
+    """The CX identifiers of a field (PID-3, MRG-1): id, type, authority namespace and OID."""
     out = []
     for rep in msg.repetitions(segment, field):
         comps = msg.components(rep)
@@ -118,13 +119,13 @@ def read_metadata(msg: Er7Message) -> dict[str, Any]:
     if msg.has_segment("EVN"):
         meta["event_time"] = v("EVN", 6) or v("EVN", 2)
     if msg.has_segment("PID"):
-        meta["patient_identifiers"] = _identifiers(msg, "PID", 3)
+        meta["patient_identifiers"] = read_identifiers(msg, "PID", 3)
         # PID-32 repeats: one status (VALI, PROV...) and attributes (HOMA, FICT, DOUT) in any order.
         codes = [msg.components(r)[0][0] for r in msg.repetitions("PID", 32)]
         meta["identity_reliability"] = next((c for c in codes if c not in _IDENTITY_ATTRIBUTES), "")
         meta["identity_attributes"] = [c for c in codes if c in _IDENTITY_ATTRIBUTES]
     if msg.has_segment("MRG"):
-        meta["merged_identifiers"] = _identifiers(msg, "MRG", 1)
+        meta["merged_identifiers"] = read_identifiers(msg, "MRG", 1)
     if msg.has_segment("PV1"):
         meta["visit_number"] = v("PV1", 19)
         meta["patient_class"] = v("PV1", 2)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from connectors.destination import Delivery, DeliveryOutcome, PermanentFailure, TemporaryFailure
 from connectors.registry import KINDS, DestinationKind
 from engine.er7 import Er7Error, Er7Message
-from engine.hl7_intake import decode_hl7
+from engine.hl7_intake import decode_hl7, read_identifiers
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, uuid7
 from event_store import EventStore
 from event_store.events import IdentityUpdated
@@ -55,16 +55,9 @@ def ensure_identity_tables(store: EventStore) -> None:
 
 
 def _idents(msg: Er7Message, segment: str, field: int) -> list[Ident]:
-    out = []
-    for rep in msg.repetitions(segment, field):
-        comps = msg.components(rep)
-        value = comps[0][0]
-        if not value:
-            continue
-        authority = comps[3] if len(comps) > 3 else [""]
-        oid = authority[1] if len(authority) > 1 else ""
-        out.append(Ident(oid or authority[0], value, comps[4][0] if len(comps) > 4 else ""))
-    return out
+    return [
+        Ident(i["authority_oid"] or i["authority"], i["id"], i["type"]) for i in read_identifiers(msg, segment, field)
+    ]
 
 
 def patient_facts(msg: Er7Message) -> PatientFacts:

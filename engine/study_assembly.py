@@ -67,7 +67,11 @@ class StudyAssembler(LogFollower):
     def __init__(self, store: EventStore, ingestor: Ingestor, quiet_period: float) -> None:
         super().__init__(store, ingestor)
         self.quiet_period = quiet_period
-        self.tick = min(1.0, max(0.05, quiet_period / 4))
+        tick = min(1.0, max(0.05, quiet_period / 4))
+        # Work also comes from the clock (quiet periods ending): read at least every tick.
+        self.wake_interval = tick
+        self.idle_interval = min(tick, 0.1)  # not a store query after every commit of others
+        self.min_interval = tick / 2  # do not double the writer's commits under load
 
     async def start(self) -> None:
         await asyncio.to_thread(self._create_tables)
@@ -156,32 +160,3 @@ class StudyAssembler(LogFollower):
         for stream, event in appendix.events:
             if isinstance(event, StudyCompleted):
                 log.info("study_completed", stream=str(stream), instances=event.instances, size=event.size)
-
-    async def _run(self) -> None:
-        # Unlike other followers, work also comes from the clock (quiet periods ending).
-        while True:
-            try:
-                appendix, position = await asyncio.to_thread(self.plan, self.position)
-            except Exception as e:
-                log.error("follower_failed", follower=self.name, error=type(e).__name__, detail=str(e)[:200])
-                await asyncio.sleep(1.0)
-                continue
-            if not appendix.events and not appendix.statements:
-                self.position = position  # read past other topics: nothing to record
-                await asyncio.sleep(min(self.tick, 0.1))  # not a store query after every commit of others
-                self._signal.clear()
-                try:
-                    async with asyncio.timeout(self.tick):
-                        await self._signal.wait()
-                except TimeoutError:
-                    pass
-                continue
-            try:
-                await self.ingestor.append(appendix)
-            except Exception as e:
-                log.error("follower_not_recorded", follower=self.name, error=type(e).__name__)
-                await asyncio.sleep(1.0)
-                continue
-            self.position = position
-            self.committed(appendix)
-            await asyncio.sleep(self.tick / 2)  # do not double the writer's commits under load

@@ -24,9 +24,10 @@ class BlobStore:
         _make_dirs_durably(root)
 
     def incomplete_writes(self) -> list[Path]:
-        """Temporary files of writes that never finished (their writer process is gone)."""
+        """Temporary files of writes that never finished, and spooled payloads never adopted
+        (never acknowledged either): their writer process, named in the file name, is gone."""
         stale = []
-        for path in self.root.glob("??/??/.*.tmp"):
+        for path in (*self.root.glob("??/??/.*.tmp"), *self.root.glob("spool/*.*.*")):
             pid = path.name.rsplit(".", 2)[-2]
             if not (pid.isdigit() and _process_alive(int(pid))):
                 stale.append(path)
@@ -65,7 +66,8 @@ class BlobStore:
     @property
     def spool(self) -> Path:
         """Where an edge writes a large incoming payload before `adopt` (same file system,
-        so adopting is a rename, never a copy)."""
+        so adopting is a rename, never a copy), as `<name>.<pid>.<suffix>`: what a dead
+        process left there is an incomplete write."""
         path = self.root / "spool"
         _make_dirs_durably(path)
         return path

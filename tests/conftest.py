@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,3 +196,15 @@ def mqtt_broker() -> int:
         if os.environ.get("CI") == "true":
             pytest.fail("Mosquitto is not reachable on 127.0.0.1:1883 and CI=true")
         pytest.skip("Mosquitto is not running on 127.0.0.1:1883 (mosquitto -d to run this test)")
+
+
+def wait_for(predicate: Callable[[], Any], what: str = "condition", timeout: float = 30.0) -> Any:
+    """Poll until `predicate()` is truthy and return its value; fail naming `what` after `timeout`
+    (a safety net, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

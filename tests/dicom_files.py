@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +54,3 @@ def dcmtk(tool: str, *args: str | Path, timeout: float = 60) -> subprocess.Compl
     """Run a DCMTK tool with TCP_NODELAY (DCMTK sets it only when asked by this variable)."""
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run([tool, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Poll until `predicate()` is truthy (no timing assertion: the timeout is a safety net)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)

@@ -11,7 +11,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.dicom_files import dcmtk, dicom_listeners, sample, wait_for
+from tests.conftest import wait_for
+from tests.dicom_files import dcmtk, dicom_listeners, sample
 
 CHANNEL = """
 name = "ct-to-chu-b"

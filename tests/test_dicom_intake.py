@@ -13,7 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample, wait_for
+from tests.conftest import wait_for
+from tests.dicom_files import SAMPLES, dcmtk, dicom_listeners, sample
 
 
 def topics(store: Any) -> list[str]:

@@ -10,7 +10,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.dicom_files import dcmtk, dicom_listeners, sample, wait_for
+from tests.conftest import wait_for
+from tests.dicom_files import dcmtk, dicom_listeners, sample
 
 
 def completions(running: Any) -> list[dict[str, Any]]:

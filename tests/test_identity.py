@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningRelais, adt
-from tests.test_routing import RELAIS, send, topics, wait_for
+from tests.conftest import RunningRelais, adt, wait_for
+from tests.test_routing import RELAIS, send, topics
 
 ROUTES = Path(__file__).parent.parent / "routes"
 CLINIQUE = ("SIH_NORD", "CLINIQUE_NORD")

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from hl7.client import MLLPClient
 
 from engine.er7 import Er7Message
-from tests.conftest import RunningRelais, adt
+from tests.conftest import RunningRelais, adt, wait_for
 
 RELAIS = str(Path(sys.executable).parent / "relais")
 
@@ -53,16 +52,6 @@ connect_timeout = 1.0
 """
     )
     return path
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def send(port: int, message: str) -> str:

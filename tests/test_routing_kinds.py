@@ -22,10 +22,11 @@ import pytest
 
 from engine.route_tools import dry_run, run_route_tests
 from engine.routes import RouteError, load_channel, load_channels
+from tests.conftest import wait_for
 from tests.mail_samples import Doc, Mail, cda, xdm_zip
 from tests.test_rest_api import CR_PDF, auth, document, http_listener, telemedicine
 from tests.test_smtp_listener import session, smtp_listener
-from tests.test_smtp_mdn import mails_at, mdn_settings, relay, wait_for
+from tests.test_smtp_mdn import mails_at, mdn_settings, relay
 
 RELAIS = str(Path(sys.executable).parent / "relais")
 PDF = b"%PDF-1.4\n" + b"ordonnance " * 50

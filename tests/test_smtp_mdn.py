@@ -8,7 +8,6 @@ import email
 import email.policy
 import smtplib
 import socket
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,10 @@ import pytest
 
 from connectors.destination import Delivery, PermanentFailure, TemporaryFailure
 from connectors.registry import build_destination, validate_settings
+from tests.conftest import wait_for
 from tests.mail_samples import Mail, xdm_zip
 from tests.test_smtp_listener import PASSWORD, USER, session, smtp_listener
 from tests.tls_material import make_pki
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def relay(relais, tmp_path: Path, port: int = 0):

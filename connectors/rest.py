@@ -37,6 +37,7 @@ from engine.rest_intake import (
     parse_submission,
     rejected_submission,
 )
+from engine.tasks import in_thread
 from event_store import EventStore
 
 __all__ = ["Client", "RestServer", "create_app", "token_digest"]
@@ -530,7 +531,7 @@ def create_app(
         client = authenticate(request)
         not_found = _Problem(404, "no such message", [FieldError("message_id", "unknown")])
         oid = message_id
-        records = await asyncio.to_thread(store.events_of, oid)
+        records = await in_thread(store.events_of, oid)
         if not records or records[0].topic != "relais.MessageReceived":
             raise not_found
         first = records[0].event

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from engine.ingest import Appendix, Ingestor
-from engine.tasks import cancel_and_wait
+from engine.tasks import cancel_and_wait, in_thread
 from event_store import EventStore
 
 __all__ = ["TRACKING_UPSERT", "LogFollower"]
@@ -72,7 +72,7 @@ class LogFollower:
         appendix.statements.append((TRACKING_UPSERT, [(self.name, position)]))
 
     async def start(self) -> None:
-        self.position = await asyncio.to_thread(self._load_position)
+        self.position = await in_thread(self._load_position)
         self._task = asyncio.create_task(self._run(), name=f"relais-{self.name}")
 
     async def stop(self) -> None:
@@ -86,7 +86,7 @@ class LogFollower:
     async def _run(self) -> None:
         while True:
             try:
-                appendix, position = await asyncio.to_thread(self.plan, self.position)
+                appendix, position = await in_thread(self.plan, self.position)
             except Exception as e:
                 log.error("follower_failed", follower=self.name, error=type(e).__name__, detail=str(e)[:200])
                 await asyncio.sleep(1.0)

@@ -27,6 +27,7 @@ from connectors.registry import KINDS, DestinationKind
 from engine.er7 import Er7Error, Er7Message
 from engine.hl7_intake import decode_hl7, read_identifiers
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, uuid7
+from engine.tasks import in_thread
 from event_store import EventStore
 from event_store.events import IdentityUpdated
 from read_models.identity import (
@@ -125,7 +126,7 @@ class IdentityDestination:
         if self._store is None or self._ingestor is None:
             raise TemporaryFailure("identity model not bound to a running engine")
         async with self._lock:
-            planned = await asyncio.to_thread(self._plan, self._store, delivery)
+            planned = await in_thread(self._plan, self._store, delivery)
             if isinstance(planned, str):  # applied before (redelivery after a crash)
                 return DeliveryOutcome(detail=planned)
             change, appendix = planned

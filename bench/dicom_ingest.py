@@ -14,18 +14,16 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
+from harness import free_port, relais_config, running
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -33,12 +31,6 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_instances(folder: Path, count: int, large: bool, associations: int) -> list[Path]:
@@ -65,60 +57,9 @@ def make_instances(folder: Path, count: int, large: bool, associations: int) -> 
     return dirs
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on port {port} within {timeout}s")
-
-
-@contextmanager
-def running(cmd: list[str], port: int, log: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=ENV, start_new_session=True)
-        try:
-            wait_listening(proc, port)
-            time.sleep(0.5)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-
-
 def relais_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
-    (home / "config.toml").write_text(
-        f"""[store]
-url = "sqlite:///data/relais.db"
-blob_dir = "data/blobs"
-
-[routing]
-enabled = false
-
-[log]
-level = "warning"
-
-[listeners]
-mllp = []
-
-[[listeners.dicom]]
-name = "bench"
-host = "127.0.0.1"
-port = {port}
-ae_title = "RELAIS"
-""",
-        encoding="utf-8",
-    )
+    listener = f'[[listeners.dicom]]\nname = "bench"\nhost = "127.0.0.1"\nport = {port}\nae_title = "RELAIS"\n'
+    (home / "config.toml").write_text(relais_config(listener), encoding="utf-8")
 
     def count() -> int:
         with sqlite3.connect(home / "data" / "relais.db") as db:
@@ -201,9 +142,13 @@ def main() -> int:
                     folder = home / "data" / f"{size}{assoc}"
                     data[(size, assoc)] = (make_instances(folder, count, size == "large", assoc), count)
                 warm = make_instances(home / "data" / "warm", 8, False, 1)
+                # Flushed untimed before each server starts and after it stops: a server that
+                # leaves its writes to the kernel's writeback (Orthanc, storescp) must not bill
+                # them to the next one, nor the writing of the test files to anyone.
+                os.sync()
                 port = free_port()
                 cmd, called, count_stored = SERVERS[name](home, port)
-                with running(cmd, port, home / "server.log", home):
+                with running(cmd, port, home / "server.log", cwd=home, env=ENV, settle=0.5):
                     send(port, called, warm)
                     for size, assoc in cases:
                         dirs, count = data[(size, assoc)]
@@ -216,6 +161,7 @@ def main() -> int:
                     if stored >= 0:
                         expected = 8 + sum(c for _, c in data.values())
                         print(f"  {name}: {stored} instances stored of {expected} sent", file=sys.stderr)
+                os.sync()
                 shutil.rmtree(home / "data")
     results = {key: statistics.median(rates) for key, rates in runs.items()}
     print(f"\n{'case':<18}" + "".join(f"{n:>11}" for n in names) + "  relais/orthanc")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
+
+from connectors.peers import PeerAllowList
 
 __all__ = ["END_BLOCK", "START_BLOCK", "FrameAnswer", "FrameHandler", "MllpServer", "frame"]
 
@@ -70,7 +71,7 @@ class MllpServer:
     _closing: bool = False
 
     def __post_init__(self) -> None:
-        self._networks = [ipaddress.ip_network(c, strict=False) for c in self.allowed_peers]
+        self._peers = PeerAllowList(self.allowed_peers)
 
     @property
     def bound_port(self) -> int:
@@ -110,7 +111,7 @@ class MllpServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername") or ("?", 0)
         peer = f"{addr[0]}:{addr[1]}"
-        if self._networks and not _allowed(addr[0], self._networks):
+        if not self._peers.allows(addr[0]):
             log.warning("peer_refused", listener=self.name, peer=peer)
             writer.close()
             return
@@ -226,11 +227,3 @@ class MllpServer:
                     self._busy.discard(task)
                 if self._closing:
                     return
-
-
-def _allowed(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import socket
@@ -24,6 +23,8 @@ from typing import Any, Protocol
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from connectors.peers import PeerAllowList
 
 __all__ = ["MailHandler", "PasswordCheck", "RelaisSMTP", "SmtpServer", "hash_password", "verify_password"]
 
@@ -289,7 +290,7 @@ class SmtpServer:
         self.data_size_limit = data_size_limit
         self.timeout = timeout
         self.max_connections = max_connections
-        self._networks = [ipaddress.ip_network(c, strict=False) for c in allowed_peers or []]
+        self._peers = PeerAllowList(allowed_peers or [])
         self._server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[RelaisSMTP] = weakref.WeakSet()
         self._open: set[RelaisSMTP] = set()
@@ -298,14 +299,9 @@ class SmtpServer:
         if peer is None:
             self._open.discard(session)
             return None
-        if self._networks:
-            try:
-                address = ipaddress.ip_address(peer[0])
-            except (ValueError, TypeError, IndexError):
-                address = None
-            if address is None or not any(address in net for net in self._networks):
-                log.warning("smtp_peer_refused", listener=self.name, peer=str(peer[0] if peer else ""))
-                return "554 5.7.1 Connections from this address are not accepted"
+        if not self._peers.allows(peer[0] if peer else ""):
+            log.warning("smtp_peer_refused", listener=self.name, peer=str(peer[0] if peer else ""))
+            return "554 5.7.1 Connections from this address are not accepted"
         if len(self._open) >= self.max_connections:
             log.warning("smtp_too_many_connections", listener=self.name, limit=self.max_connections)
             return "421 4.7.0 Too many connections, try again later"

@@ -218,9 +218,8 @@ class RelaisApp:
 
             self.study_router = StudyRouter(self.store, self.ingestor, self.router.channels)
             await self.study_router.start()
-        loop = asyncio.get_running_loop()
         ctx = functools.partial(server_ssl_context, config=self.config)
-        for server in dicom_servers(self.config.listeners.dicom, self.ingestor, self.store.blobs, loop, ctx):
+        for server in dicom_servers(self.config.listeners.dicom, self.ingestor, self.store.blobs, ctx):
             await server.start()
             self.dicom[server.name] = server
 

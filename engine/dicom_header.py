@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-__all__ = ["WANTED", "scan_header"]
+__all__ = ["WANTED", "scan_header", "scan_header_bytes"]
 
 WANTED = {
     0x00080016: "SOPClassUID",
@@ -49,8 +49,13 @@ def scan_header(path: Path, limit: int = 256 * 1024) -> dict[str, str] | None:
     """The WANTED attributes (empty string when absent), or None to fall back to pydicom."""
     with path.open("rb") as f:
         data = f.read(limit)
+    return scan_header_bytes(data, complete=len(data) < limit)
+
+
+def scan_header_bytes(data: bytes, complete: bool) -> dict[str, str] | None:
+    """The same from the file's first bytes (`complete`: they are the whole file)."""
     try:
-        return _scan(data, complete=len(data) < limit)
+        return _scan(data, complete=complete)
     except (_Odd, struct.error, IndexError, UnicodeDecodeError):
         return None
 

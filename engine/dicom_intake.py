@@ -1,17 +1,14 @@
 """DICOM intake: a spooled C-STORE file becomes a durable blob, a `Submission` and a status.
 
-Runs on pynetdicom's association threads; `submit_from_thread` is the one place where
-they cross into the engine's event loop. Success (0x0000) only once the event committed.
+Runs on the engine's event loop; the blob is fsynced in a worker thread and the commit
+that names it waits for that. Success (0x0000) only once the event committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import re
-import shutil
-import uuid
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,8 @@ from pydicom.errors import InvalidDicomError
 
 from connectors.dicom import OUT_OF_RESOURCES, DicomServer, StoreRequest
 from engine.config import DicomListener
-from engine.dicom_header import scan_header
-from engine.ingest import IngestUnavailable, Receipt, Submission, Submitter, Verdict
+from engine.dicom_header import scan_header, scan_header_bytes
+from engine.ingest import IngestUnavailable, Submission, Submitter, Verdict
 from event_store import Event, PayloadRef
 from event_store.blobs import BlobStore
 from event_store.events import InstanceReceived
@@ -35,7 +32,6 @@ __all__ = [
     "DicomIntake",
     "dicom_servers",
     "read_header",
-    "submit_from_thread",
 ]
 
 log = structlog.get_logger("relais.dicom_intake")
@@ -55,24 +51,10 @@ _HEADER_TAGS = [
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
-def submit_from_thread(
-    ingestor: Submitter, loop: asyncio.AbstractEventLoop, submission: Submission, timeout: float
-) -> Receipt:
-    """From a pynetdicom thread: wait until the submission is durable on the engine's loop.
-    Raises IngestUnavailable (store down, engine stopping, or no answer within `timeout`)."""
-    future = asyncio.run_coroutine_threadsafe(ingestor.submit(submission), loop)
-    try:
-        return future.result(timeout)
-    except TimeoutError as e:
-        future.cancel()
-        raise IngestUnavailable("no commit within the store timeout") from e
-    except RuntimeError as e:  # the loop is closed: the engine is stopping
-        raise IngestUnavailable(str(e)) from e
-
-
-def read_header(path: Path) -> dict[str, str]:
-    """The identifying attributes of a DICOM file (InvalidDicomError and friends if unreadable)."""
-    found = scan_header(path)
+def read_header(path: Path, head: bytes | None = None, size: int = 0) -> dict[str, str]:
+    """The identifying attributes of a DICOM file (InvalidDicomError and friends if unreadable),
+    from its first bytes `head` when the caller has them."""
+    found = scan_header(path) if head is None else scan_header_bytes(head, complete=len(head) >= size)
     if found is not None:
         return found
     ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
@@ -82,38 +64,31 @@ def read_header(path: Path) -> dict[str, str]:
 class DicomIntake:
     """The C-STORE handler of one DICOM listener."""
 
-    def __init__(
-        self, listener: DicomListener, ingestor: Submitter, blobs: BlobStore, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, listener: DicomListener, ingestor: Submitter, blobs: BlobStore) -> None:
         self.listener = listener
         self.ingestor = ingestor
         self.blobs = blobs
-        self.loop = loop
 
-    def on_store(self, req: StoreRequest) -> int:
-        """On pynetdicom's thread: take the spooled file, commit it, answer a DIMSE status."""
+    async def on_store(self, req: StoreRequest) -> int:
+        """Make the spooled file a durable blob, commit its events, answer a DIMSE status."""
         try:
-            spooled = self._take(req.path)
-        except OSError as e:
-            log.error("dicom_spool_failed", listener=self.listener.name, error=type(e).__name__)
-            return OUT_OF_RESOURCES
-        try:
-            header: dict[str, str] | None = read_header(spooled)
+            header: dict[str, str] | None = read_header(req.path, req.head, req.size)
         except (InvalidDicomError, NotImplementedError, ValueError, KeyError, TypeError, EOFError, OSError):
             header = None
         verdict = _verdict(req, header)
-        try:
-            sha256, size = self.blobs.adopt(spooled)
+        try:  # made durable in a worker thread; the commit waits for it
+            synced = self.blobs.place(req.path, req.sha256)
         except OSError as e:  # disk full, say: nothing was stored
-            spooled.unlink(missing_ok=True)
+            req.path.unlink(missing_ok=True)
             log.error("dicom_blob_failed", listener=self.listener.name, error=type(e).__name__)
             return OUT_OF_RESOURCES
-        ref = PayloadRef(sha256, size, "application/dicom", inline=False)
-        submission = self._submission(req, header or {}, verdict, ref)
+        ref = PayloadRef(req.sha256, req.size, "application/dicom", inline=False)
+        submission = self._submission(req, header or {}, verdict, ref, synced)
         try:
-            receipt = submit_from_thread(self.ingestor, self.loop, submission, self.listener.store_timeout)
-        except IngestUnavailable as e:
-            log.error("dicom_not_stored", listener=self.listener.name, error=str(e)[:120])
+            async with asyncio.timeout(self.listener.store_timeout):
+                receipt = await self.ingestor.submit(submission)
+        except (IngestUnavailable, TimeoutError) as e:
+            log.error("dicom_not_stored", listener=self.listener.name, error=str(e)[:120] or "store timeout")
             return OUT_OF_RESOURCES
         if receipt.duplicate:
             log.info("dicom_duplicate", listener=self.listener.name, message_id=str(receipt.message_id))
@@ -124,19 +99,9 @@ class DicomIntake:
             return SUCCESS
         return int(receipt.verdict.ack_code, 16)
 
-    def _take(self, path: Path) -> Path:
-        """Move pynetdicom's temporary file into the blob store's spool (a rename when they
-        share a file system): from there `adopt` makes it a blob without another copy."""
-        target = self.blobs.spool / f"{uuid.uuid4().hex}.{os.getpid()}.dcm"
-        try:
-            os.replace(path, target)
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            shutil.copyfile(path, target)
-        return target
-
-    def _submission(self, req: StoreRequest, header: dict[str, str], verdict: Verdict, ref: PayloadRef) -> Submission:
+    def _submission(
+        self, req: StoreRequest, header: dict[str, str], verdict: Verdict, ref: PayloadRef, synced: Future[None]
+    ) -> Submission:
         accepted = verdict.status == "accepted"
         metadata: dict[str, Any] = {
             "calling_ae": req.calling_ae,
@@ -195,6 +160,7 @@ class DicomIntake:
             verdict=verdict,
             events=events,
             stored_payload=ref,
+            blob_synced=synced,
         )
 
 
@@ -219,7 +185,6 @@ def dicom_servers(
     listeners: list[DicomListener],
     ingestor: Submitter,
     blobs: BlobStore,
-    loop: asyncio.AbstractEventLoop,
     ssl_context_of: Any,
 ) -> list[DicomServer]:
     """The DICOM listeners of the config, each with its intake (not started)."""
@@ -229,7 +194,8 @@ def dicom_servers(
             host=listener.host,
             port=listener.port,
             ae_title=listener.ae_title,
-            handler=DicomIntake(listener, ingestor, blobs, loop).on_store,
+            handler=DicomIntake(listener, ingestor, blobs).on_store,
+            spool=blobs.spool,
             allowed_calling_aets=listener.allowed_calling_aets,
             allowed_peers=listener.allowed_peers,
             max_pdu=listener.max_pdu,

@@ -11,12 +11,14 @@ import asyncio
 import os
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
 
+from engine.tasks import in_thread
 from event_store import (
     Batch,
     DuplicateReceived,
@@ -72,6 +74,8 @@ class Submission:
     # Set when the edge already put the bytes in the blob store (a spooled DICOM file, say):
     # `payload` is then empty and nothing is written again.
     stored_payload: PayloadRef | None = None
+    # The edge only placed the blob (`BlobStore.place`): the commit waits for its sync.
+    blob_synced: Future[None] | None = None
     # Further content the new message names in its events (a REST submission's documents),
     # stored by hash in the same commit.
     payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
@@ -203,7 +207,7 @@ class Ingestor:
 
     async def _commit_and_answer(self, items: list[_Item]) -> None:
         try:
-            receipts = await asyncio.to_thread(self._commit, [s for s, _ in items])
+            receipts = await in_thread(self._commit, [s for s, _ in items])
         except Exception as e:
             messages = [i for i in items if isinstance(i[0], Submission)]
             followers = [i for i in items if isinstance(i[0], Appendix)]
@@ -244,7 +248,13 @@ class Ingestor:
                     batch.events.append((oid, version, event))
                 for ref, data in sub.payloads:
                     batch.payloads.setdefault(ref.sha256, (ref, data))
-                batch.statements.extend(sub.statements)
+                for sql, rows in sub.statements:
+                    # The delivery outcomes of a batch each update the outbox: one statement
+                    # for all of them (the order of the statements is kept).
+                    if batch.statements and batch.statements[-1][0] == sql:
+                        batch.statements[-1] = (sql, [*batch.statements[-1][1], *rows])
+                    else:
+                        batch.statements.append((sql, list(rows)))
                 receipts.append(None)
                 continue
             now = _now()
@@ -330,5 +340,6 @@ class Ingestor:
                     }
                 )  # fmt: skip
             receipts.append(Receipt(message_id, now, verdict, flags=tuple(flags)))
-        store.commit(batch)
+        # never commit an event before the blob it names is durable
+        store.commit(batch, after=[s.blob_synced for s in items if isinstance(s, Submission) and s.blob_synced])
         return receipts

@@ -50,6 +50,14 @@ def test_small_payload_commits_inline_and_large_one_goes_to_blob_folder(store: E
     assert check_payloads(store).missing == []
 
 
+def test_payloads_reads_inline_and_blob_payloads_at_once(store: EventStore) -> None:
+    small, large = b"MSH|small", b"MSH|" + b"y" * 5000
+    for i, data in enumerate((small, large)):
+        one_message(store, data, str(i))
+    hashes = [r["payload_sha256"] for r in store.query("SELECT payload_sha256 FROM relais_messages")]
+    assert sorted(store.payloads([*hashes, *hashes]).values()) == sorted([small, large])
+
+
 def test_events_chain_and_verify_detects_tampering(store: EventStore) -> None:
     first = one_message(store, b"MSH|one", "1")
     one_message(store, b"MSH|two", "2")
@@ -98,6 +106,32 @@ def test_a_failed_commit_leaves_nothing_and_the_chain_intact(store: EventStore) 
     assert store.verify_chain().ok
 
 
+def test_a_large_batch_keeps_its_order_its_rows_and_its_chain(store: EventStore) -> None:
+    # More rows than one multi-row INSERT takes, and an upsert of one key twice in a batch.
+    batch = Batch()
+    ids = []
+    for i in range(450):
+        ref = batch.add_payload(f"MSH|{i}".encode(), "application/hl7-v2", store.inline_limit)
+        mid = uuid.uuid4()
+        ids.append(mid)
+        batch.events.append((mid, 1, received(ref, control_id=str(i))))
+        batch.index.append(
+            MessageIndexRow(str(mid), "2026-11-23T10:00:00+00:00", "mllp", "mllp", "127.0.0.1:1", "A|B",
+                            str(i), "ADT", "A01", ref.sha256, ref.inline, "accepted", "AA")
+        )  # fmt: skip
+    upsert = "INSERT INTO relais_tracking (name, position) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET position = excluded.position"  # noqa: E501
+    batch.statements.append((upsert, [("t", 1), ("t", 2)]))
+    positions = store.commit(batch)
+    log = list(store.read_log())
+    assert [r.originator_id for r in log] == ids
+    assert [r.event["metadata"]["control_id"] for r in log] == [str(i) for i in range(450)]
+    assert positions == [r.position for r in log]
+    assert store.verify_chain().ok
+    assert store.query("SELECT count(*) AS n FROM relais_payloads")[0]["n"] == 450
+    assert store.query("SELECT count(*) AS n FROM relais_messages")[0]["n"] == 450
+    assert store.query("SELECT position FROM relais_tracking WHERE name = 't'")[0]["position"] == 2
+
+
 def test_store_reopens_with_its_chain_head(store: EventStore, tmp_path: Path) -> None:
     one_message(store, b"MSH|one", "1")
     url = store.recorder.datastore.pool.db_name if store.dialect == "sqlite" else None
@@ -134,7 +168,6 @@ def test_half_written_blob_of_a_dead_writer_is_reported_then_removed(tmp_path: P
     blobs = BlobStore(tmp_path / "blobs")
     sha = "cd" * 32
     leftover = blobs.path_of(sha).with_name(f".{sha}.999999999.tmp")  # no such process
-    leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half")
     mine = blobs.path_of(sha).with_name(f".{sha}.{os.getpid()}.tmp")  # a live writer's
     mine.write_bytes(b"in progress")
@@ -142,3 +175,46 @@ def test_half_written_blob_of_a_dead_writer_is_reported_then_removed(tmp_path: P
     assert blobs.remove_incomplete_writes() == 1
     assert not leftover.exists() and mine.exists()
     assert list(blobs.hashes()) == []
+
+
+def test_blobs_stored_by_an_earlier_layout_are_still_found(tmp_path: Path) -> None:
+    from event_store import BlobStore
+    from event_store.blobs import sha256_hex
+
+    blobs = BlobStore(tmp_path / "blobs")
+    data = b"an instance stored before the blob folders became one level"
+    sha = sha256_hex(data)
+    earlier = tmp_path / "blobs" / sha[:2] / sha[2:4] / sha  # two levels, as stores made before 2026-11-24
+    earlier.parent.mkdir()
+    earlier.write_bytes(data)
+    assert blobs.exists(sha) and blobs.get(sha) == data
+    assert list(blobs.hashes()) == [sha]
+    blobs.put(sha256_hex(b"new"), b"new")
+    assert sorted(blobs.hashes()) == sorted([sha, sha256_hex(b"new")])
+    assert blobs.path_of(sha256_hex(b"new")).parent == tmp_path / "blobs" / sha256_hex(b"new")[:2]
+
+
+def test_placed_blob_keeps_a_whole_stored_copy_and_replaces_a_torn_one(tmp_path: Path) -> None:
+    from event_store import BlobStore
+    from event_store.blobs import sha256_hex
+
+    blobs = BlobStore(tmp_path / "blobs")
+    data = b"an instance resent with the same bytes" * 100
+    sha = sha256_hex(data)
+    blobs.put(sha, data)
+    stored = blobs.path_of(sha)
+    inode = stored.stat().st_ino
+    resent = blobs.spool / f"resent.{os.getpid()}.dcm"
+    resent.write_bytes(data)
+    blobs.place(resent, sha).result()
+    # the committed copy is never swapped for an unsynced one
+    assert stored.stat().st_ino == inode and not resent.exists()
+
+    stored.write_bytes(data[:100])  # what a crash can leave of a placement never synced
+    again = blobs.spool / f"again.{os.getpid()}.dcm"
+    again.write_bytes(data)
+    blobs.place(again, sha).result()
+    assert blobs.get(sha) == data
+    stored.write_bytes(b"")
+    blobs.put(sha, data)
+    assert blobs.get(sha) == data

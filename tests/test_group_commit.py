@@ -122,25 +122,27 @@ def test_a_bad_follower_record_does_not_cost_messages_their_ack(relais) -> None:
 
 def test_a_submission_carries_its_protocol_events_and_a_blob_spooled_by_the_edge(relais) -> None:
     """What DICOM and mail intakes rely on: a payload the edge spooled to the blob store is
-    adopted without a copy, and the protocol's own events follow MessageReceived in the
-    same commit."""
+    placed without a copy, synced before the commit that names it, and the protocol's own
+    events follow MessageReceived in the same commit."""
     import asyncio
 
     from engine.ingest import Submission
     from event_store import DuplicateReceived, PayloadRef
+    from event_store.blobs import sha256_hex
 
     running = relais()
     store = running.app.store
     content = b"DICM" + bytes(range(256)) * 2000  # > inline limit: lives in the blob folder
     spooled = store.blobs.spool / "incoming.part"
     spooled.write_bytes(content)
-    sha, size = store.blobs.adopt(spooled)
-    assert not spooled.exists() and store.blobs.get(sha) == content and size == len(content)
+    sha, size = sha256_hex(content), len(content)
+    synced = store.blobs.place(spooled, sha)
+    assert not spooled.exists() and store.blobs.get(sha) == content
     ref = PayloadRef(sha, size, "application/dicom", inline=False)
     extra = DuplicateReceived("2026-11-24T00:00:00+00:00", "dicom", "127.0.0.1")  # any event will do
     submission = Submission(
         listener="dicom", protocol="dicom", peer="127.0.0.1", payload=b"", content_type="application/dicom",
-        control_id="1.2.3.4", events=[extra], stored_payload=ref,
+        control_id="1.2.3.4", events=[extra], stored_payload=ref, blob_synced=synced,
     )  # fmt: skip
     receipt = asyncio.run_coroutine_threadsafe(running.app.ingestor.submit(submission), running.loop).result(10)
     events = store.events_of(receipt.message_id)

@@ -1,0 +1,471 @@
+"""The DICOM upper layer of a storage SCP (PS3.8, PS3.7) for one association on asyncio streams.
+
+pynetdicom decodes and encodes the association PDUs and negotiates the presentation contexts;
+P-DATA is read here, so each dataset goes into its spool file (connectors/spool.py) as it
+arrives (PS3.10 file meta first) and is hashed on the way, with no thread per association.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
+
+from connectors.spool import WRITEBACK_CHUNK, SpoolFiles, start_writeback
+
+__all__ = [
+    "HEAD_LIMIT",
+    "IMPLEMENTATION_CLASS_UID",
+    "OUT_OF_RESOURCES",
+    "AssociationRules",
+    "ProtocolError",
+    "StoreHandler",
+    "StoreRequest",
+    "serve_association",
+]
+
+log = structlog.get_logger("relais.dicom")
+
+# A UID under 2.25 (derived from a UUID, PS3.5 B.2): needs no registered root.
+IMPLEMENTATION_CLASS_UID = "2.25.1111287494164306013473657809847084910"
+IMPLEMENTATION_VERSION = "RELAIS_1"
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+UNRECOGNIZED_OPERATION = 0x0211
+
+_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = range(1, 8)
+_C_STORE_RQ, _C_ECHO_RQ = 0x0001, 0x0030
+_NO_DATASET = 0x0101
+# A-ABORT reasons (PS3.8 9.3.8) when the service provider aborts.
+_UNEXPECTED_PDU, _UNRECOGNIZED_PDU, _INVALID_PARAMETER = 0x02, 0x01, 0x06
+_MAX_ASSOCIATE_RQ = 256 * 1024  # ~128 proposed contexts take ~15 KB
+HEAD_LIMIT = 256 * 1024
+
+
+_PDU_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_RELEASE_RP_PDU = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """One received C-STORE: the spooled DICOM file (file meta + dataset as sent), its SHA-256
+    and size as written, and who sent it."""
+
+    path: Path
+    sha256: str
+    size: int
+    head: bytes  # the file's first HEAD_LIMIT bytes, to read the header without reading the file
+    calling_ae: str
+    called_ae: str
+    peer: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+StoreHandler = Callable[[StoreRequest], Awaitable[int]]
+
+
+def _supported_contexts() -> list[PresentationContext]:
+    syntaxes = [cx.abstract_syntax for cx in AllStoragePresentationContexts] + [VERIFICATION]
+    return [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in syntaxes if uid is not None]
+
+
+_SUPPORTED = _supported_contexts()
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationRules:
+    """What one listener accepts."""
+
+    ae_title: str
+    handler: StoreHandler
+    spool: SpoolFiles
+    allowed_calling_aets: frozenset[str] = frozenset()
+    max_pdu: int = 1024 * 1024
+    network_timeout: float = 60.0
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8: the association is aborted with `reason`."""
+
+    def __init__(self, reason: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Dataset:
+    """A dataset being received: into a spool file (C-STORE) or nowhere (another operation)."""
+
+    context_id: int
+    command: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path | None = None
+    fd: int = -1
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    size: int = 0
+    written_back: int = 0  # bytes whose writeback to disk was started
+    head: bytearray = field(default_factory=bytearray)
+    failed: str = ""
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.fd < 0:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:  # disk full, say: read the rest, answer out of resources
+            self.failed = type(e).__name__
+            self.discard()
+            return
+        self.digest.update(data)
+        self.size += len(data)
+        if len(self.head) < HEAD_LIMIT:
+            self.head += data[: HEAD_LIMIT - len(self.head)]
+        if self.size - self.written_back >= WRITEBACK_CHUNK:
+            start_writeback(self.fd, self.written_back, self.size - self.written_back)
+            self.written_back = self.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+async def serve_association(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    rules: AssociationRules,
+    peer: str,
+    may_open: Callable[[], bool],
+) -> None:
+    """Run one association to its end (release, abort, timeout or a broken connection)."""
+    association = _Association(reader, writer, rules, peer)
+    try:
+        await association.run(may_open)
+    except ProtocolError as e:
+        log.warning("dicom_association_aborted", peer=peer, reason=str(e))
+        writer.write(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([e.reason]))
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        pass
+    except Exception as e:  # a bug must end this association only, with an A-ABORT
+        log.error("dicom_association_failed", peer=peer, error=type(e).__name__, detail=str(e)[:200])
+        writer.write(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
+    finally:
+        association.drop_partial()
+
+
+class _Association:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rules: AssociationRules, peer: str
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.rules = rules
+        self.peer = peer
+        self.calling_ae = ""
+        self.peer_max_pdu = 0  # 0: no limit
+        self.contexts: dict[int, PresentationContext] = {}
+        self.command = bytearray()
+        self.dataset: _Dataset | None = None
+
+    async def _read_pdu(self, limit: int) -> tuple[int, bytes]:
+        """(PDU type, the PDU's bytes after its 6-byte header)."""
+        async with asyncio.timeout(self.rules.network_timeout):
+            kind, length = _PDU_HEADER.unpack(await self.reader.readexactly(6))
+            if length > limit:
+                raise ProtocolError(_INVALID_PARAMETER, f"PDU of {length} bytes over the limit of {limit}")
+            return kind, await self.reader.readexactly(length)
+
+    async def run(self, may_open: Callable[[], bool]) -> None:
+        kind, body = await self._read_pdu(_MAX_ASSOCIATE_RQ)
+        if kind != _ASSOCIATE_RQ:
+            raise ProtocolError(_UNEXPECTED_PDU, f"PDU type {kind} before A-ASSOCIATE-RQ")
+        if not await self._associate(_PDU_HEADER.pack(kind, len(body)) + body, may_open):
+            return
+        limit = self.rules.max_pdu
+        while True:
+            kind, pdu = await self._read_pdu(limit)
+            if kind == _P_DATA:
+                await self._p_data(memoryview(pdu))
+            elif kind == _RELEASE_RQ:
+                self.writer.write(_RELEASE_RP_PDU)
+                await self.writer.drain()
+                return
+            elif kind == _ABORT:
+                return
+            elif kind in (_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _RELEASE_RP):
+                raise ProtocolError(_UNEXPECTED_PDU, f"PDU type {kind} in an established association")
+            else:
+                raise ProtocolError(_UNRECOGNIZED_PDU, f"unknown PDU type {kind}")
+
+    async def _associate(self, pdu: bytes, may_open: Callable[[], bool]) -> bool:
+        rq = A_ASSOCIATE_RQ()
+        try:
+            rq.decode(pdu)
+            request = rq.to_primitive()
+        except Exception as e:  # pynetdicom raises whatever its decoders meet
+            raise ProtocolError(_INVALID_PARAMETER, f"unreadable A-ASSOCIATE-RQ ({type(e).__name__})") from e
+        self.calling_ae = str(request.calling_ae_title or "").strip()
+        called_ae = str(request.called_ae_title or "").strip()
+        user_items = list(request.user_information or [])
+        for item in user_items:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = int(item.maximum_length_received or 0)
+        reject: tuple[int, int, int] | None = None
+        if str(request.application_context_name) != APPLICATION_CONTEXT:
+            reject = (0x01, 0x01, 0x02)  # permanent, service user, application context not supported
+        elif not (rq.protocol_version & 1):
+            reject = (0x01, 0x02, 0x02)  # permanent, service provider (ACSE), protocol version
+        elif called_ae != self.rules.ae_title:
+            reject = (0x01, 0x01, 0x07)  # called AE title not recognised
+        elif self.rules.allowed_calling_aets and self.calling_ae not in self.rules.allowed_calling_aets:
+            reject = (0x01, 0x01, 0x03)  # calling AE title not recognised
+        elif not may_open():
+            reject = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+        if reject is not None:
+            log.info("dicom_association_rejected", peer=self.peer, calling_ae=self.calling_ae,
+                     called_ae=called_ae, diagnostic=reject[2])  # fmt: skip
+            primitive = A_ASSOCIATE()
+            primitive.result, primitive.result_source, primitive.diagnostic = reject
+            rj = A_ASSOCIATE_RJ()
+            rj.from_primitive(primitive)
+            self.writer.write(rj.encode())
+            await self.writer.drain()
+            return False
+        roles = {
+            item.sop_class_uid: (item.scu_role, item.scp_role)
+            for item in user_items
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
+        }
+        results, role_items = negotiate_as_acceptor(request.presentation_context_definition_list, _SUPPORTED, roles)
+        self.contexts = {int(cx.context_id): cx for cx in results if cx.result == 0x00 and cx.context_id is not None}
+        accept = A_ASSOCIATE()
+        accept.application_context_name = APPLICATION_CONTEXT
+        accept.calling_ae_title = request.calling_ae_title
+        accept.called_ae_title = request.called_ae_title
+        accept.result = 0x00
+        accept.result_source = 0x01
+        accept.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.rules.max_pdu
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION
+        accept.user_information = [max_length, implementation, version, *role_items]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(accept)
+        self.writer.write(ac.encode())
+        await self.writer.drain()
+        log.info("dicom_association_accepted", peer=self.peer, calling_ae=self.calling_ae, contexts=len(self.contexts))
+        return True
+
+    async def _p_data(self, body: memoryview) -> None:
+        offset, end = 0, len(body)
+        while offset < end:
+            if end - offset < 6:
+                raise ProtocolError(_INVALID_PARAMETER, "truncated presentation data value item")
+            length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+            if length < 2 or offset + 4 + length > end:
+                raise ProtocolError(_INVALID_PARAMETER, "presentation data value item of a wrong length")
+            if context_id not in self.contexts:
+                raise ProtocolError(_INVALID_PARAMETER, f"presentation context {context_id} was not accepted")
+            data = body[offset + 6 : offset + 4 + length]
+            offset += 4 + length
+            last = bool(control & 0x02)
+            if control & 0x01:
+                if self.dataset is not None:
+                    raise ProtocolError(_UNEXPECTED_PDU, "command fragment inside a dataset")
+                self.command += data
+                if last:
+                    await self._command_complete(context_id)
+            else:
+                dataset = self.dataset
+                if dataset is None or dataset.context_id != context_id:
+                    raise ProtocolError(_UNEXPECTED_PDU, "dataset fragment without its command")
+                dataset.write(data)
+                if last:
+                    self.dataset = None
+                    await self._dataset_complete(dataset)
+
+    async def _command_complete(self, context_id: int) -> None:
+        command = _decode_command(bytes(self.command))
+        self.command.clear()
+        operation = _us(command, 0x0100)
+        message_id = _us(command, 0x0110)
+        sop_class = _ui(command, 0x0002)
+        has_dataset = _us(command, 0x0800, _NO_DATASET) != _NO_DATASET
+        if operation == _C_ECHO_RQ and not has_dataset:
+            await self._respond(context_id, operation, message_id, sop_class or VERIFICATION, "", SUCCESS)
+            return
+        dataset = _Dataset(context_id, operation, message_id, sop_class, _ui(command, 0x1000))
+        if operation == _C_STORE_RQ and has_dataset:
+            try:
+                dataset.path, dataset.fd = await self.rules.spool.take()
+            except OSError as e:  # read the dataset all the same, answer out of resources
+                dataset.failed = type(e).__name__
+            transfer_syntax = str(self.contexts[context_id].transfer_syntax[0])
+            dataset.write(_file_meta(sop_class, dataset.sop_instance_uid, transfer_syntax, self.calling_ae))
+        if has_dataset:
+            self.dataset = dataset  # another operation's dataset is read and dropped
+        else:
+            await self._respond(context_id, operation, message_id, sop_class, "", UNRECOGNIZED_OPERATION)
+
+    async def _dataset_complete(self, dataset: _Dataset) -> None:
+        dataset.close()
+        if dataset.command != _C_STORE_RQ:
+            status = UNRECOGNIZED_OPERATION
+        elif dataset.path is None:
+            log.error("dicom_spool_failed", peer=self.peer, error=dataset.failed)
+            status = OUT_OF_RESOURCES
+        else:
+            request = StoreRequest(
+                path=dataset.path,
+                sha256=dataset.digest.hexdigest(),
+                size=dataset.size,
+                head=bytes(dataset.head),
+                calling_ae=self.calling_ae,
+                called_ae=self.rules.ae_title,
+                peer=self.peer,
+                sop_class_uid=dataset.sop_class_uid,
+                sop_instance_uid=dataset.sop_instance_uid,
+                transfer_syntax=str(self.contexts[dataset.context_id].transfer_syntax[0]),
+            )
+            dataset.path = None  # the handler owns the file now
+            try:
+                status = await self.rules.handler(request)
+            except Exception as e:  # never let a bug answer success
+                log.error("dicom_store_failed", error=type(e).__name__, detail=str(e)[:200])
+                request.path.unlink(missing_ok=True)  # gone already if the handler placed it
+                status = OUT_OF_RESOURCES
+        await self._respond(
+            dataset.context_id, dataset.command, dataset.message_id, dataset.sop_class_uid,
+            dataset.sop_instance_uid, status,
+        )  # fmt: skip
+
+    async def _respond(
+        self, context_id: int, operation: int, message_id: int, sop_class: str, sop_instance: str, status: int
+    ) -> None:
+        elements = [(0x0002, _ui_value(sop_class))] if sop_class else []
+        elements += [
+            (0x0100, _US.pack(operation | 0x8000)),
+            (0x0120, _US.pack(message_id)),
+            (0x0800, _US.pack(_NO_DATASET)),
+            (0x0900, _US.pack(status)),
+        ]
+        if sop_instance:
+            elements.append((0x1000, _ui_value(sop_instance)))
+        self.writer.write(_p_data_pdus(context_id, _encode_command(elements), self.peer_max_pdu))
+        await self.writer.drain()
+
+    def drop_partial(self) -> None:
+        """A connection that ends mid-dataset leaves nothing behind."""
+        if self.dataset is not None:
+            self.dataset.discard()
+            self.dataset = None
+
+
+def _decode_command(data: bytes) -> dict[int, bytes]:
+    """A command set (group 0000, implicit VR little endian) as {element: value}."""
+    elements: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < 8:
+            raise ProtocolError(_INVALID_PARAMETER, "truncated command set")
+        group, element, length = _ELEMENT.unpack_from(data, offset)
+        offset += 8
+        if group != 0 or offset + length > len(data):
+            raise ProtocolError(_INVALID_PARAMETER, "command set element out of group 0000 or too long")
+        elements[element] = data[offset : offset + length]
+        offset += length
+    return elements
+
+
+def _us(command: dict[int, bytes], element: int, default: int = 0) -> int:
+    value = command.get(element)
+    if value is None:
+        return default
+    if len(value) != 2:
+        raise ProtocolError(_INVALID_PARAMETER, f"command element (0000,{element:04X}) is not a US")
+    return int(_US.unpack(value)[0])
+
+
+def _ui(command: dict[int, bytes], element: int) -> str:
+    return command.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _ui_value(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+def _encode_command(elements: list[tuple[int, bytes]]) -> bytes:
+    body = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements)
+    return _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def _p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
+    """The command in P-DATA-TF PDUs no longer than the peer accepts (0: no limit)."""
+    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
+    room = max(room, 1)
+    pdus = []
+    for start in range(0, len(command), room):
+        fragment = command[start : start + room]
+        control = 0x03 if start + room >= len(command) else 0x01
+        pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
+        pdus.append(_PDU_HEADER.pack(_P_DATA, len(pdv)) + pdv)
+    return b"".join(pdus)
+
+
+def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str) -> bytes:
+    """128-byte preamble, DICM and the file meta group (explicit VR little endian, PS3.10 7.1)."""
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        if vr == b"OB":
+            return struct.pack("<HH2s2xI", 0x0002, tag, vr, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, tag, vr, len(value)) + value
+
+    ae = calling_ae.encode("ascii", "replace")
+    body = b"".join([
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", _ui_value(sop_class)),
+        element(0x0003, b"UI", _ui_value(sop_instance)),
+        element(0x0010, b"UI", _ui_value(transfer_syntax)),
+        element(0x0012, b"UI", _ui_value(IMPLEMENTATION_CLASS_UID)),
+        element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii")),
+        *([element(0x0016, b"AE", ae + b" " * (len(ae) % 2))] if ae else []),
+    ])  # fmt: skip
+    return b"\x00" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body

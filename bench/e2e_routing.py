@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hl7_ingest import free_port, message_template, running
+from hl7_ingest import CLK_TCK, free_port, message_template, running
 
 ROOT = Path(__file__).resolve().parent.parent
 SB, EB = b"\x0b", b"\x1c\r"
@@ -28,8 +28,10 @@ def control_id_of(frame: bytes) -> bytes:
     return frame.split(b"\r", 1)[0].split(b"|")[9]
 
 
-def receiver(port: int, pipe: Connection, stop_after: float) -> None:
-    """A partner that ACKs at once and notes when each control ID arrived."""
+def receiver(port: int, pipe: Connection, ctl: Connection, drain: float) -> None:
+    """A partner that ACKs at once and notes when each control ID arrived. It stops once
+    every control ID the load was ACKed for has come (then 0.5 s more, to see duplicates),
+    or `drain` seconds after the load ended."""
     seen: dict[bytes, float] = {}
     frames = [0]
 
@@ -48,7 +50,13 @@ def receiver(port: int, pipe: Connection, stop_after: float) -> None:
     async def main() -> None:
         server = await asyncio.start_server(serve, "127.0.0.1", port)
         async with server:
-            await asyncio.sleep(stop_after)
+            while not ctl.poll():
+                await asyncio.sleep(0.05)
+            expected: set[bytes] = ctl.recv()
+            deadline = time.monotonic() + drain
+            while time.monotonic() < deadline and not expected <= seen.keys():
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
 
     asyncio.run(main())
     pipe.send((seen, frames[0]))
@@ -81,6 +89,27 @@ def load(port: int, n_conn: int, duration: float, pipe: Connection) -> None:
     pipe.send(acked)
 
 
+def process_ticks(pid: int) -> int:
+    """CPU ticks (user + system) of a process and its children (acceptor processes)."""
+    pids = {pid}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                pids.add(int(entry.name))
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
 def pct(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100)[int(p) - 1] if len(values) > 1 else (values[0] if values else 0.0)
 
@@ -91,6 +120,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--drain", type=float, default=60.0, help="max seconds to wait for the outbox to empty")
     ap.add_argument("--out-connections", type=int, default=1, help="the MLLP destination's parallel connections")
+    ap.add_argument("--acceptors", type=int, default=0, help="[ingest] acceptors (processes parsing HL7)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
         tmp = Path(d)
@@ -104,36 +134,43 @@ def main() -> int:
         )
         (tmp / "config.toml").write_text(
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
+            f"[ingest]\nacceptors = {args.acceptors}\n"
             f'[[listeners.mllp]]\nname = "mllp"\nport = {relais_port}\n'
         )
         ctx = mp.get_context("spawn")
         recv_pipe, recv_child = ctx.Pipe(duplex=False)
-        rproc = ctx.Process(
-            target=receiver, args=(partner_port, recv_child, args.duration + args.drain + 5), daemon=True
-        )
+        ctl_child, ctl = ctx.Pipe(duplex=False)
+        rproc = ctx.Process(target=receiver, args=(partner_port, recv_child, ctl_child, args.drain), daemon=True)
         rproc.start()
         cmd = [str(ROOT / ".venv" / "bin" / "relais"), "--config", str(tmp / "config.toml"), "run"]
-        with running(cmd, relais_port, tmp / "server.log"):
+        with running(cmd, relais_port, tmp / "server.log") as server:
+            time.sleep(0.5 * args.acceptors)  # acceptor processes start after the port answers
             load_pipe, load_child = ctx.Pipe(duplex=False)
             lproc = ctx.Process(target=load, args=(relais_port, args.connections, args.duration, load_child))
+            ticks0 = process_ticks(server.pid)
             start = time.time()
             lproc.start()
+            if not load_pipe.poll(args.duration + 60):  # e.g. a connection over the listener's limit (64)
+                raise SystemExit("the load generator gave no result (a connection failed?)")
             acked: dict[bytes, float] = load_pipe.recv()
             lproc.join()
-            rproc.join(args.duration + args.drain + 30)
+            ctl.send(set(acked))
             delivered, frames = recv_pipe.recv()
+            ticks = process_ticks(server.pid) - ticks0
+            rproc.join(10)
     lags = [(delivered[c] - t) * 1000 for c, t in acked.items() if c in delivered]
     last = max(delivered.values(), default=start)
+    cpu_ms = 1000 * ticks / CLK_TCK / max(1, len(lags))
     print(
         f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP "
         f"({args.out_connections} outbound connection(s))"
     )
     print(f"{'acked':>8} {'ingest/s':>9} {'delivered':>10} {'deliv/s':>8} {'lag p50 ms':>11} {'lag p99 ms':>11}"
-          f" {'lag max ms':>11} {'lost':>5} {'twice':>5}")  # fmt: skip
+          f" {'lag max ms':>11} {'lost':>5} {'twice':>5} {'cpu ms/msg':>10}")  # fmt: skip
     print(
         f"{len(acked):>8} {len(acked) / args.duration:>9.0f} {len(lags):>10} {len(lags) / (last - start):>8.0f} "
         f"{pct(lags, 50):>11.1f} {pct(lags, 99):>11.1f} {max(lags, default=0):>11.1f} "
-        f"{len(acked) - len(lags):>5} {frames - len(delivered):>5}"
+        f"{len(acked) - len(lags):>5} {frames - len(delivered):>5} {cpu_ms:>10.2f}"
     )
     return 0 if len(lags) == len(acked) else 1
 

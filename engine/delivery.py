@@ -2,7 +2,9 @@
 every attempt and outcome as events (retry with backoff and jitter, then dead letter).
 
 A delivery is durable before it is attempted (the router wrote it); `DeliveryAttempted`
-is committed before the bytes leave. A destination that is down only holds its own keys.
+is committed with the attempt's outcome, in one commit: a crash in between leaves the
+delivery pending, so it is attempted again (at least once: the same bytes, and for HTTP the
+same Idempotency-Key). A destination that is down only holds its own keys.
 """
 
 from __future__ import annotations
@@ -18,27 +20,26 @@ from typing import Any
 
 import structlog
 
-from connectors.destination import Delivery, Destination, PermanentFailure, TemporaryFailure
+from connectors.destination import Delivery, DeliveryOutcome, Destination, PermanentFailure, TemporaryFailure
 from engine.ingest import Appendix, Ingestor
 from engine.routes import DestinationSpec
-from engine.tasks import cancel_and_wait
+from engine.tasks import cancel_and_wait, in_thread
 from event_store import Event, EventStore
 from event_store.events import DeadLettered, Delivered, DeliveryAttempted, DeliveryFailed, Redelivered
 
-__all__ = ["DUE_DELIVERIES", "DeliveryWorkers", "Target", "backoff_delay"]
+__all__ = ["DELIVERY_ROWS", "DUE_DELIVERIES", "DeliveryWorkers", "Target", "backoff_delay"]
 
 log = structlog.get_logger("relais.delivery")
 
 # A pending delivery is due when its time has come and it is the oldest open delivery of
 # its key: nothing older is pending (retrying) or dead-lettered by a blocking destination.
-# One pass over the open rows (index on state), whatever the number of rows per key.
+# One pass over the open rows (index on state), whatever the number of rows per key. Only
+# the keys are read here: the deliveries in flight are among the due ones until their
+# outcome commits, and reading them again with their payload after every commit cost more
+# than the deliveries themselves once a backlog formed.
 DUE_DELIVERIES = """
-SELECT o.*, p.data AS inline_payload, m.control_id, m.message_type, m.trigger_event, m.sender,
-       dd.details AS delivery_details
+SELECT o.delivery_id, o.channel, o.destination, o.ordering_key
 FROM relais_outbox o
-LEFT JOIN relais_payloads p ON p.sha256 = o.payload_sha256
-LEFT JOIN relais_delivery_details dd ON dd.delivery_id = o.delivery_id
-LEFT JOIN relais_messages m ON m.message_id = o.message_id
 JOIN (SELECT channel, destination, ordering_key, MIN(seq) AS head FROM relais_outbox
       WHERE state = 'pending' OR (state = 'dead' AND blocks = 1)
       GROUP BY channel, destination, ordering_key) k
@@ -46,6 +47,16 @@ JOIN (SELECT channel, destination, ordering_key, MIN(seq) AS head FROM relais_ou
  AND o.ordering_key = k.ordering_key AND o.seq = k.head
 WHERE o.state = 'pending' AND o.next_attempt_at <= ?
 ORDER BY o.seq LIMIT ?
+"""
+# What an attempt needs of the deliveries it starts, read once for all of them.
+DELIVERY_ROWS = """
+SELECT o.*, p.data AS inline_payload, m.control_id, m.message_type, m.trigger_event, m.sender,
+       dd.details AS delivery_details
+FROM relais_outbox o
+LEFT JOIN relais_payloads p ON p.sha256 = o.payload_sha256
+LEFT JOIN relais_delivery_details dd ON dd.delivery_id = o.delivery_id
+LEFT JOIN relais_messages m ON m.message_id = o.message_id
+WHERE o.delivery_id IN ({}) AND o.state = 'pending'
 """
 OUTBOX_UPDATE = (
     "UPDATE relais_outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
@@ -86,6 +97,7 @@ class DeliveryWorkers:
         # Attempts that finished while the outbox was being read: their rows may be stale.
         self._finished: set[str] = set()
         self._busy_keys: set[tuple[str, str, str]] = set()
+        self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = ingestor.commit_signal()
         self._task: asyncio.Task[None] | None = None
@@ -113,16 +125,22 @@ class DeliveryWorkers:
                 log.error("requests_failed", error=type(e).__name__, detail=str(e)[:200])
             now = datetime.now(UTC)
             self._finished.clear()
+            # The deliveries in flight come back as due (they are until their outcome
+            # commits): read about as many more as can start, not a fixed 500 every time.
+            room = max(0, 2 * self._concurrency - len(self._in_flight))
+            limit = len(self._in_flight) + room + 64  # and some keys whose channel has gone
+            busy = (frozenset(self._in_flight), frozenset(self._busy_keys))
             try:
-                due = await asyncio.to_thread(self.store.query, DUE_DELIVERIES, [_iso(now), 500])
+                due = await in_thread(self._due, _iso(now), limit, *busy) if room else []
             except Exception as e:
                 log.error("outbox_unreadable", error=type(e).__name__)
                 due = []
             started = 0
             for row in due:
                 key = (row["channel"], row["destination"], row["ordering_key"])
-                busy = row["delivery_id"] in self._in_flight or row["delivery_id"] in self._finished
-                if busy or key in self._busy_keys:
+                if row["delivery_id"] in self._in_flight or row["delivery_id"] in self._finished:
+                    continue  # its attempt started or finished while the outbox was read
+                if key in self._busy_keys:
                     continue
                 target = self.targets.get((row["channel"], row["destination"]))
                 if target is None:
@@ -143,12 +161,31 @@ class DeliveryWorkers:
                 pass
             await asyncio.sleep(0.005 if started else 0.002)
 
+    def _due(
+        self, now: str, limit: int, in_flight: frozenset[str], busy_keys: frozenset[tuple[str, str, str]]
+    ) -> list[dict[str, Any]]:
+        """On a worker thread: the due deliveries that were not in flight when asked, with
+        what their attempt needs (payload, message metadata), in outbox order."""
+        heads = self.store.query(DUE_DELIVERIES, [now, limit])
+        ids = [
+            h["delivery_id"] for h in heads
+            if h["delivery_id"] not in in_flight
+            and (h["channel"], h["destination"], h["ordering_key"]) not in busy_keys
+        ]  # fmt: skip
+        if not ids:
+            return []
+        rows = self.store.query(DELIVERY_ROWS.format(",".join("?" * len(ids))), ids)
+        order = {delivery_id: i for i, delivery_id in enumerate(ids)}
+        return sorted(rows, key=lambda r: order[r["delivery_id"]])
+
     async def _attempt(self, row: dict[str, Any], target: Target, key: tuple[str, str, str]) -> None:
         delivery_id = row["delivery_id"]
         message_id = uuid.UUID(row["message_id"])
         attempt = int(row["attempts"]) + 1
         spec = target.spec
         try:
+            # A slot is held while the destination is spoken to, not while the outcome
+            # waits for its commit: the key stays busy until then, which keeps the order.
             async with self._slots:
                 # The attempt is recorded with its outcome, in one commit: a crash in between
                 # leaves the delivery pending, so it is attempted again (at least once).
@@ -156,27 +193,30 @@ class DeliveryWorkers:
                 # Small payloads come with the outbox row; large ones are read from the blob folder.
                 inline = row["inline_payload"]
                 payload = (
-                    bytes(inline)
-                    if inline is not None
-                    else await asyncio.to_thread(self.store.payload, row["payload_sha256"])
+                    bytes(inline) if inline is not None else await in_thread(self.store.payload, row["payload_sha256"])
                 )
                 meta = _metadata(row)
                 delivery = Delivery(delivery_id, str(message_id), row["channel"], row["destination"], payload,
                                     row["content_type"], meta, attempt)  # fmt: skip
+                outcome: DeliveryOutcome | None = None
+                dead, error = "", ""
                 try:
                     outcome = await target.destination.deliver(delivery)
                 except PermanentFailure as e:
-                    await self._dead(attempted, message_id, f"permanent: {e}", spec)
+                    dead = f"permanent: {e}"
                 except (TemporaryFailure, OSError, TimeoutError) as e:
                     error = str(e) or type(e).__name__
-                    await self._failed(attempted, message_id, error, spec)
                 except Exception as e:  # a connector bug must not lose the delivery
-                    await self._failed(attempted, message_id, type(e).__name__, spec)
-                else:
-                    done = _iso(datetime.now(UTC))
-                    delivered = Delivered(done, delivery_id, attempt, outcome.detail[:200])
-                    await self._record(message_id, attempted, delivered, "delivered", done, "", False)
-                    log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt)
+                    error = type(e).__name__
+            if dead:
+                await self._dead(attempted, message_id, dead, spec)
+            elif outcome is None:
+                await self._failed(attempted, message_id, error, spec)
+            else:
+                done = _iso(datetime.now(UTC))
+                delivered = Delivered(done, delivery_id, attempt, outcome.detail[:200])
+                await self._record(message_id, attempted, delivered, "delivered", done, "", False)
+                log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt)
         except Exception as e:  # the store refused the record: the outbox row stays pending
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
             await asyncio.sleep(1.0)  # do not hammer a store that refuses writes
@@ -228,19 +268,19 @@ class DeliveryWorkers:
 
     async def _carry_out_requests(self) -> None:
         """Operators' redeliver requests (queued by `relais redeliver`), each a recorded event."""
-        pending = await asyncio.to_thread(
+        pending = await in_thread(
             self.store.query, "SELECT * FROM relais_requests WHERE done_at IS NULL ORDER BY created_at"
         )
         for request in pending:
             args = json.loads(request["args"])
             if "message_id" in args:
-                rows = await asyncio.to_thread(
+                rows = await in_thread(
                     self.store.query,
                     "SELECT delivery_id, message_id FROM relais_outbox WHERE message_id = ? AND state <> 'pending'",
                     [args["message_id"]],
                 )
             else:
-                rows = await asyncio.to_thread(
+                rows = await in_thread(
                     self.store.query,
                     "SELECT delivery_id, message_id FROM relais_outbox "
                     "WHERE channel = ? AND created_at >= ? AND state <> 'pending' ORDER BY seq",

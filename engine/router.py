@@ -24,6 +24,7 @@ from engine.follower import LogFollower
 from engine.ingest import Appendix, Ingestor, uuid7
 from engine.route_items import SUBMISSION_PROTOCOLS, items_of, route_items
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
+from engine.tasks import in_thread
 from event_store import EventStore
 from event_store.events import MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
@@ -86,16 +87,23 @@ def plan_routes(
 
 
 def plan_message(
-    channels: Sequence[Channel], store: EventStore, message_id: uuid.UUID, position: int, received: dict[str, Any]
+    channels: Sequence[Channel],
+    store: EventStore,
+    message_id: uuid.UUID,
+    position: int,
+    received: dict[str, Any],
+    raw: bytes | None = None,
 ) -> Plan:
     """Route one stored message, whatever its kind (reads the store, writes nothing): a mail
-    or a REST submission as items (engine/route_items.py), anything else as HL7."""
+    or a REST submission as items (engine/route_items.py), anything else as HL7 (`raw`: its
+    payload when the caller read it already)."""
     if received.get("protocol") in SUBMISSION_PROTOCOLS:
         events = [(r.topic, r.event) for r in store.events_of(message_id)]
         request = store.payload(received["payload"]["sha256"]) if received.get("protocol") == "rest" else b""
         items = items_of(received, events, request)
         return Plan(message_id, position, route_items(channels, items, received.get("listener", ""), position), [])
-    raw = store.payload(received["payload"]["sha256"])
+    if raw is None:
+        raw = store.payload(received["payload"]["sha256"])
     return plan_routes(channels, message_id, position, received, raw, store.inline_limit)
 
 
@@ -118,7 +126,7 @@ class Router(LogFollower):
         fut: asyncio.Future[MessageRouted | NotRouted] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(message_id, []).append(fut)
         # An older message (a resend after a lost application ACK): its decision is in the log.
-        recorded = await asyncio.to_thread(self._recorded_decision, message_id)
+        recorded = await in_thread(self._recorded_decision, message_id)
         if recorded is not None and not fut.done():
             fut.set_result(recorded)
         try:
@@ -178,15 +186,21 @@ class Router(LogFollower):
         detail_rows: list[tuple[Any, ...]] = []
         channels = self.channels
         now = _now()
+        todo: list[tuple[Any, uuid.UUID, dict[str, Any]]] = []
         for note in notes:
             message_id = uuid.UUID(str(note.originator_id))
             if statuses.get(str(message_id)) != "accepted":
                 continue  # refused at the edge: answered already, nothing to route
-            record = store.decode(note)
-            received = record.event
+            received = store.decode(note).event
             if received.get("protocol") == "dicom":
                 continue  # DICOM instances are routed as studies, once complete (engine/study_router.py)
-            plan = plan_message(channels, store, message_id, note.id, received)
+            todo.append((note, message_id, received))
+        # The HL7 payloads of the chunk in one read, not one query per message.
+        raws = store.payloads(
+            r["payload"]["sha256"] for _, _, r in todo if r.get("protocol") not in SUBMISSION_PROTOCOLS
+        )
+        for note, message_id, received in todo:
+            plan = plan_message(channels, store, message_id, note.id, received, raws.get(received["payload"]["sha256"]))
             appendix.events.append((message_id, plan.routed))
             appendix.payloads.extend(plan.payloads)
             if isinstance(plan.routed, MessageRouted):

@@ -8,12 +8,14 @@ fail together.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
@@ -70,6 +72,30 @@ INSERT_PAYLOAD = (
 )
 INSERT_MESSAGE = "INSERT INTO relais_messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
+# One VALUES group of '?' in an INSERT (what follows it, e.g. ON CONFLICT, is kept).
+_VALUES_GROUP = re.compile(r"^(\s*INSERT\b.*?\bVALUES\s*)(\((?:\s*\?\s*,)*\s*\?\s*\))(.*)$", re.S | re.I)
+# Rows per multi-row INSERT: far below SQLite's 32,766 bound parameters.
+_ROWS_PER_INSERT = 200
+
+
+def _insert_rows(c: SQLiteCursor, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Run an INSERT for many rows with as few statements as possible.
+
+    The sqlite3 module releases the GIL around every step of a statement, so `executemany`
+    hands the GIL to the busy event loop once per row and waits up to the switch interval
+    to get it back; a multi-row `INSERT ... VALUES (...), (...)` is one step for all its
+    rows. Rows are inserted in their order (rowids follow it). Any other statement (an
+    UPDATE) goes through `executemany`.
+    """
+    match = _VALUES_GROUP.match(sql) if len(rows) > 1 else None
+    if match is None:
+        c.executemany(sql, rows)
+        return
+    head, group, tail = match.groups()
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        c.execute(f"{head}{','.join([group] * len(chunk))}{tail}", [v for row in chunk for v in row])
+
 
 @dataclass
 class SideRows:
@@ -110,12 +136,24 @@ class RelaisSQLiteRecorder(SQLiteApplicationRecorder):
         side: SideRows | None = kwargs.get("side")
         if side is not None:
             if side.payloads:
-                c.executemany(INSERT_PAYLOAD, side.payloads)
+                _insert_rows(c, INSERT_PAYLOAD, side.payloads)
             if side.messages:
-                c.executemany(INSERT_MESSAGE, side.messages)
+                _insert_rows(c, INSERT_MESSAGE, side.messages)
             for sql, rows in side.statements:
-                c.executemany(sql, rows)
-        return super()._insert_events(c, stored_events, **kwargs)
+                _insert_rows(c, sql, rows)
+        if not stored_events:
+            return []
+        # The library inserts one event per statement to read each rowid; one writer holds
+        # the write transaction, so the rowids of one multi-row INSERT are consecutive.
+        _insert_rows(
+            c,
+            self.insert_events_statement,
+            [(s.originator_id.hex if isinstance(s.originator_id, UUID) else s.originator_id,
+              s.originator_version, s.topic, s.state) for s in stored_events],
+        )  # fmt: skip
+        c.execute("SELECT last_insert_rowid()")
+        last = int(c.fetchone()[0])
+        return list(range(last - len(stored_events) + 1, last + 1))
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self.datastore.transaction(commit=False) as c:

@@ -184,6 +184,43 @@ def test_routing_resumes_after_restart_exactly_once(relais, tmp_path: Path) -> N
     assert again.store.verify_chain().ok
 
 
+def test_a_backlog_larger_than_one_outbox_read_is_delivered_once_in_order_per_patient(relais, tmp_path: Path) -> None:
+    # More waiting keys than one read of the outbox takes (2 slots: ~70 keys per read), the
+    # partner down while they pile up, then the hub restarted halfway through.
+    partner = relais()
+    port = partner.port
+    partner.stop()
+    routes = tmp_path / "routes"
+    channel_file(routes, port, attempts=1000)
+    hub = relais(routing={"enabled": True, "routes_dir": str(routes), "delivery_concurrency": 2})
+    patients = [f"BL{p:03d}" for p in range(90)]
+    order = {ipp: [f"BL-{ipp}-{n}" for n in range(3)] for ipp in patients}
+    with MLLPClient("127.0.0.1", hub.port) as client:
+        for n in range(3):
+            for ipp in patients:
+                ack = client.send_message(adt("A08", control_id=order[ipp][n], ipp=ipp, ins=None))
+                assert b"MSA|AA|" in ack
+    wait_for(lambda: "DeliveryFailed" in topics(hub, order[patients[0]][0]), what="a failed attempt")
+    partner_again = relais(listeners={"mllp": [{"name": "mllp", "port": port}]})
+    wait_for(lambda: len(received_by(partner_again)) >= 90, timeout=30, what="some deliveries")
+    hub.stop()
+    again = restarted_hub(relais, tmp_path)
+    everything = [c for ids in order.values() for c in ids]
+    wait_for(lambda: len(received_by(partner_again)) == len(everything), timeout=60, what="every delivery")
+    got = [m.get("MSH-10") for m in received_by(partner_again)]
+    assert sorted(got) == sorted(everything)  # none lost
+    for ipp, ids in order.items():
+        assert [c for c in got if c.startswith(f"BL-{ipp}-")] == ids  # in order per patient
+    resent = partner_again.store.query(
+        "SELECT count(*) AS n FROM stored_events WHERE topic = 'relais.DuplicateReceived'"
+    )
+    assert resent[0]["n"] == 0  # nothing sent twice
+    for control_id in everything:
+        assert topics(again, control_id).count("Delivered") == 1
+        assert topics(again, control_id).count("MessageRouted") == 1
+    assert again.store.verify_chain().ok
+
+
 def test_reload_applies_a_new_route_and_refuses_a_bad_one(relais, tmp_path: Path) -> None:
     partner = relais()
     hub = routed_relais(relais, tmp_path, partner.port)

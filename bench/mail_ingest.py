@@ -25,6 +25,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from harness import free_port, relais_config, wait_listening
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -45,12 +47,6 @@ def bench_mail(attachment_kb: int) -> bytes:
     import email.policy
 
     return msg.as_bytes(policy=email.policy.SMTP)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def n_measured_share(latencies: list[float], sent: int) -> float:
@@ -96,44 +92,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("relais exited at start")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("relais did not listen in time")
-
-
 def run_one(sessions: int, raw: bytes, args: argparse.Namespace) -> tuple[int, float, float, float, int, float, float]:
     with tempfile.TemporaryDirectory(prefix="relais-mailbench-") as tmp:
         port = free_port()
         config = Path(tmp) / "config.toml"
-        config.write_text(
-            f"""
-[store]
-url = "sqlite:///data/relais.db"
-blob_dir = "data/blobs"
-inline_payload_limit = {args.inline_limit}
-[ingest]
-batch_window_ms = {args.batch_window_ms}
-[routing]
-enabled = false
-[log]
-level = "warning"
-[listeners]
-mllp = []
-[[listeners.smtp]]
+        listener = f"""[[listeners.smtp]]
 name = "smtp"
 port = {port}
 domains = ["relais.localhost"]
 readers = {args.readers}
 accounts = [{{ user = "{USER}", password_hash = "{hash_password(PASSWORD, n=2**12)}" }}]
 """
+        config.write_text(
+            relais_config(
+                listener,
+                store=f"inline_payload_limit = {args.inline_limit}",
+                sections=f"[ingest]\nbatch_window_ms = {args.batch_window_ms}\n",
+            )
         )
         log = open(Path(tmp) / "relais.log", "wb")  # noqa: SIM115
         relais = [str(Path(sys.executable).parent / "relais")]
@@ -144,7 +119,7 @@ accounts = [{{ user = "{USER}", password_hash = "{hash_password(PASSWORD, n=2**1
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
         )  # fmt: skip
         try:
-            wait_listening(port, proc)
+            wait_listening(proc, port)
             start_at = time.time() + args.warmup + 0.5
             stop_at = start_at + args.duration
             pipes, procs = [], []

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import relais_config
 from hl7_ingest import BIN, free_port, running
 
 TOKEN = "bench-token-" + uuid.uuid4().hex
@@ -51,21 +52,7 @@ def submission(multipart: bool) -> dict[str, object]:
 def write_config(tmp: Path, port: int) -> Path:
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     path = tmp / "config.toml"
-    path.write_text(
-        f"""[store]
-url = "sqlite:///data/relais.db"
-blob_dir = "data/blobs"
-
-[routing]
-enabled = false
-
-[log]
-level = "warning"
-
-[listeners]
-mllp = []
-
-[[listeners.http]]
+    listener = f"""[[listeners.http]]
 name = "bench"
 host = "127.0.0.1"
 port = {port}
@@ -74,9 +61,8 @@ port = {port}
 name = "bench"
 sha256 = "{digest}"
 roles = ["sender"]
-""",
-        encoding="utf-8",
-    )
+"""
+    path.write_text(relais_config(listener), encoding="utf-8")
     return path
 
 

@@ -16,6 +16,8 @@ import structlog
 from connectors.dicom_association import (
     OUT_OF_RESOURCES,
     AssociationRules,
+    Refusal,
+    RefusalHandler,
     StoreHandler,
     StoreRequest,
     serve_association,
@@ -23,7 +25,7 @@ from connectors.dicom_association import (
 from connectors.peers import PeerAllowList
 from connectors.spool import SpoolFiles
 
-__all__ = ["OUT_OF_RESOURCES", "DicomServer", "StoreHandler", "StoreRequest", "no_delay"]
+__all__ = ["OUT_OF_RESOURCES", "DicomServer", "Refusal", "StoreHandler", "StoreRequest", "no_delay"]
 
 log = structlog.get_logger("relais.dicom")
 
@@ -56,6 +58,7 @@ class DicomServer:
         max_associations: int = 32,
         network_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
+        on_refusal: RefusalHandler | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -67,6 +70,7 @@ class DicomServer:
             allowed_calling_aets=frozenset(a.strip() for a in allowed_calling_aets or []),
             max_pdu=max_pdu,
             network_timeout=network_timeout,
+            on_refusal=on_refusal,
         )
         self.peers = PeerAllowList(allowed_peers or [])
         self.max_associations = max_associations

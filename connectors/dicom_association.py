@@ -35,6 +35,8 @@ __all__ = [
     "OUT_OF_RESOURCES",
     "AssociationRules",
     "ProtocolError",
+    "Refusal",
+    "RefusalHandler",
     "StoreHandler",
     "StoreRequest",
     "serve_association",
@@ -59,6 +61,7 @@ _NO_DATASET = 0x0101
 _UNEXPECTED_PDU, _UNRECOGNIZED_PDU, _INVALID_PARAMETER = 0x02, 0x01, 0x06
 _MAX_ASSOCIATE_RQ = 256 * 1024  # ~128 proposed contexts take ~15 KB
 HEAD_LIMIT = 256 * 1024
+EVIDENCE_LIMIT = 64 * 1024  # bytes of the offending PDU kept with a refusal
 
 
 _PDU_HEADER = struct.Struct(">BxI")
@@ -88,6 +91,23 @@ class StoreRequest:
 StoreHandler = Callable[[StoreRequest], Awaitable[int]]
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An association refused (A-ASSOCIATE-RJ) or aborted by Relais (A-ABORT), with the PDU
+    that caused it (its first EVIDENCE_LIMIT bytes; the 6-byte header of an oversized one)."""
+
+    answer: str  # "A-ASSOCIATE-RJ" or "A-ABORT"
+    code: str  # RJ: result-source-diagnostic ("1-1-3"); A-ABORT: source-reason ("2-6")
+    reason: str
+    peer: str
+    calling_ae: str
+    called_ae: str
+    evidence: bytes
+
+
+RefusalHandler = Callable[[Refusal], Awaitable[None]]
+
+
 def _supported_contexts() -> list[PresentationContext]:
     syntaxes = [cx.abstract_syntax for cx in AllStoragePresentationContexts] + [VERIFICATION]
     return [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in syntaxes if uid is not None]
@@ -106,6 +126,7 @@ class AssociationRules:
     allowed_calling_aets: frozenset[str] = frozenset()
     max_pdu: int = 1024 * 1024
     network_timeout: float = 60.0
+    on_refusal: RefusalHandler | None = None  # records what was refused, before the answer
 
 
 class ProtocolError(Exception):
@@ -177,12 +198,12 @@ async def serve_association(
         await association.run(may_open)
     except ProtocolError as e:
         log.warning("dicom_association_aborted", peer=peer, reason=str(e))
-        writer.write(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([e.reason]))
+        await association.abort(e.reason, str(e))
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
         pass
     except Exception as e:  # a bug must end this association only, with an A-ABORT
         log.error("dicom_association_failed", peer=peer, error=type(e).__name__, detail=str(e)[:200])
-        writer.write(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
+        await association.abort(0x00, f"internal error ({type(e).__name__})")
     finally:
         association.drop_partial()
 
@@ -196,6 +217,8 @@ class _Association:
         self.rules = rules
         self.peer = peer
         self.calling_ae = ""
+        self.called_ae = ""
+        self.last_pdu = b""  # the start of the PDU read last: evidence if it is refused
         self.peer_max_pdu = 0  # 0: no limit
         self.contexts: dict[int, PresentationContext] = {}
         self.command = bytearray()
@@ -204,10 +227,26 @@ class _Association:
     async def _read_pdu(self, limit: int) -> tuple[int, bytes]:
         """(PDU type, the PDU's bytes after its 6-byte header)."""
         async with asyncio.timeout(self.rules.network_timeout):
-            kind, length = _PDU_HEADER.unpack(await self.reader.readexactly(6))
+            header = await self.reader.readexactly(6)
+            self.last_pdu = header
+            kind, length = _PDU_HEADER.unpack(header)
             if length > limit:
                 raise ProtocolError(_INVALID_PARAMETER, f"PDU of {length} bytes over the limit of {limit}")
-            return kind, await self.reader.readexactly(length)
+            body = await self.reader.readexactly(length)
+            self.last_pdu = header + body[:EVIDENCE_LIMIT]
+            return kind, body
+
+    async def _record(self, answer: str, code: str, reason: str) -> None:
+        if self.rules.on_refusal is not None:
+            refusal = Refusal(answer, code, reason, self.peer, self.calling_ae, self.called_ae, self.last_pdu)
+            await self.rules.on_refusal(refusal)
+
+    async def abort(self, reason: int, detail: str) -> None:
+        """Record what broke the protocol, then A-ABORT (service provider, `reason`)."""
+        try:
+            await self._record("A-ABORT", f"2-{reason}", detail)
+        finally:
+            self.writer.write(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([reason]))
 
     async def run(self, may_open: Callable[[], bool]) -> None:
         kind, body = await self._read_pdu(_MAX_ASSOCIATE_RQ)
@@ -239,27 +278,28 @@ class _Association:
         except Exception as e:  # pynetdicom raises whatever its decoders meet
             raise ProtocolError(_INVALID_PARAMETER, f"unreadable A-ASSOCIATE-RQ ({type(e).__name__})") from e
         self.calling_ae = str(request.calling_ae_title or "").strip()
-        called_ae = str(request.called_ae_title or "").strip()
+        self.called_ae = called_ae = str(request.called_ae_title or "").strip()
         user_items = list(request.user_information or [])
         for item in user_items:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
-        reject: tuple[int, int, int] | None = None
+        reject: tuple[int, int, int, str] | None = None
         if str(request.application_context_name) != APPLICATION_CONTEXT:
-            reject = (0x01, 0x01, 0x02)  # permanent, service user, application context not supported
+            reject = (0x01, 0x01, 0x02, "application context not supported")  # permanent, service user
         elif not (rq.protocol_version & 1):
-            reject = (0x01, 0x02, 0x02)  # permanent, service provider (ACSE), protocol version
+            reject = (0x01, 0x02, 0x02, "protocol version not supported")  # permanent, service provider (ACSE)
         elif called_ae != self.rules.ae_title:
-            reject = (0x01, 0x01, 0x07)  # called AE title not recognised
+            reject = (0x01, 0x01, 0x07, "called AE title not recognised")
         elif self.rules.allowed_calling_aets and self.calling_ae not in self.rules.allowed_calling_aets:
-            reject = (0x01, 0x01, 0x03)  # calling AE title not recognised
+            reject = (0x01, 0x01, 0x03, "calling AE title not allowed")
         elif not may_open():
-            reject = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+            reject = (0x02, 0x03, 0x02, "too many associations (local limit)")  # transient, presentation
         if reject is not None:
             log.info("dicom_association_rejected", peer=self.peer, calling_ae=self.calling_ae,
                      called_ae=called_ae, diagnostic=reject[2])  # fmt: skip
+            await self._record("A-ASSOCIATE-RJ", "-".join(str(v) for v in reject[:3]), reject[3])
             primitive = A_ASSOCIATE()
-            primitive.result, primitive.result_source, primitive.diagnostic = reject
+            primitive.result, primitive.result_source, primitive.diagnostic = reject[:3]
             rj = A_ASSOCIATE_RJ()
             rj.from_primitive(primitive)
             self.writer.write(rj.encode())

@@ -17,7 +17,7 @@ import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from connectors.dicom import OUT_OF_RESOURCES, DicomServer, StoreRequest
+from connectors.dicom import OUT_OF_RESOURCES, DicomServer, Refusal, StoreRequest
 from engine.config import DicomListener
 from engine.dicom_header import scan_header, scan_header_bytes
 from engine.ingest import IngestUnavailable, Submission, Submitter, Verdict
@@ -98,6 +98,26 @@ class DicomIntake:
         if receipt.verdict.status == "accepted":
             return SUCCESS
         return int(receipt.verdict.ack_code, 16)
+
+    async def on_refusal(self, refusal: Refusal) -> None:
+        """Keep a refused or aborted association as a rejected message: the PDU that caused
+        it, who sent it, and the answer given (bad input is recorded like any other)."""
+        submission = Submission(
+            listener=self.listener.name, protocol="dicom", peer=refusal.peer, payload=refusal.evidence,
+            content_type="application/octet-stream", sender=refusal.calling_ae, message_type="DICOM",
+            trigger_event=refusal.answer,
+            metadata={"calling_ae": refusal.calling_ae, "called_ae": refusal.called_ae, "refused": refusal.reason},
+            verdict=Verdict("reject", refusal.answer, refusal.code, refusal.reason),
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(self.listener.store_timeout):
+                receipt = await self.ingestor.submit(submission)
+        except (IngestUnavailable, TimeoutError) as e:
+            log.error("dicom_refusal_not_stored", listener=self.listener.name, answer=refusal.answer,
+                      error=str(e)[:120] or "store timeout")  # fmt: skip
+            return
+        log.warning("dicom_refused", listener=self.listener.name, message_id=str(receipt.message_id),
+                    answer=refusal.answer, code=refusal.code)  # fmt: skip
 
     def _submission(
         self, req: StoreRequest, header: dict[str, str], verdict: Verdict, ref: PayloadRef, synced: Future[None]
@@ -188,13 +208,16 @@ def dicom_servers(
     ssl_context_of: Any,
 ) -> list[DicomServer]:
     """The DICOM listeners of the config, each with its intake (not started)."""
-    return [
-        DicomServer(
+    servers = []
+    for listener in listeners:
+        intake = DicomIntake(listener, ingestor, blobs)
+        servers.append(DicomServer(
             name=listener.name,
             host=listener.host,
             port=listener.port,
             ae_title=listener.ae_title,
-            handler=DicomIntake(listener, ingestor, blobs).on_store,
+            handler=intake.on_store,
+            on_refusal=intake.on_refusal,
             spool=blobs.spool,
             allowed_calling_aets=listener.allowed_calling_aets,
             allowed_peers=listener.allowed_peers,
@@ -202,6 +225,5 @@ def dicom_servers(
             max_associations=listener.max_associations,
             network_timeout=listener.network_timeout,
             ssl_context=ssl_context_of(listener.tls) if listener.tls else None,
-        )
-        for listener in listeners
-    ]
+        ))  # fmt: skip
+    return servers

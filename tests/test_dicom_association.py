@@ -1,6 +1,7 @@
 """The DICOM upper layer against peers that break the protocol: each gets a precise PS3.8
-answer (A-ABORT, A-ASSOCIATE-RJ, a DIMSE failure status), nothing is stored from it, and the
-listener goes on serving the next client."""
+answer (A-ABORT, A-ASSOCIATE-RJ, a DIMSE failure status), is recorded as a rejected message
+with the PDU that caused it, no instance is stored from it, and the listener goes on serving
+the next client."""
 
 from __future__ import annotations
 
@@ -69,6 +70,15 @@ def associated(port: int, timeout: float = 5) -> Iterator[socket.socket]:
         yield sock
 
 
+def refusals(running: Any) -> list[dict[str, Any]]:
+    """The refused associations recorded, each with the bytes that caused it."""
+    rows = running.store.query(
+        "SELECT message_id, peer, ack_code, error_code, reason, payload_sha256 FROM relais_messages "
+        "WHERE protocol = 'dicom' AND status = 'reject' ORDER BY received_at"
+    )
+    return [{**r, "evidence": running.store.payload(r["payload_sha256"])} for r in rows]
+
+
 def still_serving(port: int, tmp_path: Path) -> None:
     done = dcmtk("storescu", "-aec", "RELAIS", "127.0.0.1", port, sample("CT_small.dcm", tmp_path))
     assert done.returncode == 0, done.stderr
@@ -82,6 +92,10 @@ def test_garbage_instead_of_an_association_request_is_aborted(relais, tmp_path: 
         kind, body = read_pdu(sock)
     assert kind == 0x07  # A-ABORT, by the service provider (source 2), unexpected PDU (reason 2)
     assert body[2:4] == b"\x02\x02"
+    (refused,) = refusals(running)
+    assert (refused["ack_code"], refused["error_code"], refused["peer"]) == ("A-ABORT", "2-2", "127.0.0.1")
+    assert refused["evidence"] == b"\x04\x00\x00\x00\x00\x02\x00\x00"  # what the peer sent
+    assert "before A-ASSOCIATE-RQ" in refused["reason"]
     still_serving(port, tmp_path)
 
 
@@ -103,7 +117,11 @@ def test_pdu_longer_than_the_maximum_is_aborted_and_stores_nothing(relais, tmp_p
         sock.sendall(struct.pack(">BxI", 0x04, 50_000_000))  # announces 50 MB in one PDU
         kind, body = read_pdu(sock)
     assert kind == 0x07 and body[2:4] == b"\x02\x06"  # invalid PDU parameter value
-    assert [e.topic for e in running.store.read_log()] == []
+    # Recorded as refused, with the header that announced it; no instance.
+    assert [e.topic for e in running.store.read_log()] == ["relais.MessageReceived", "relais.MessageRejected"]
+    (refused,) = refusals(running)
+    assert refused["error_code"] == "2-6" and "over the limit" in refused["reason"]
+    assert refused["evidence"] == struct.pack(">BxI", 0x04, 50_000_000)
     still_serving(port, tmp_path)
 
 
@@ -115,6 +133,8 @@ def test_data_on_a_context_that_was_not_accepted_is_aborted(relais, tmp_path: Pa
         sock.sendall(struct.pack(">BxI", 0x04, len(pdv)) + pdv)
         kind, body = read_pdu(sock)
     assert kind == 0x07 and body[2:4] == b"\x02\x06"
+    (refused,) = refusals(running)
+    assert "context 99" in refused["reason"] and refused["evidence"].endswith(pdv)
     still_serving(port, tmp_path)
 
 
@@ -144,6 +164,9 @@ def test_associations_over_the_limit_are_rejected_transiently(relais, tmp_path: 
         assert second.is_rejected
         (primitive,) = rejections
         assert (primitive.result, primitive.result_source, primitive.diagnostic) == (0x02, 0x03, 0x02)
+        (refused,) = refusals(running)
+        assert (refused["ack_code"], refused["error_code"]) == ("A-ASSOCIATE-RJ", "2-3-2")
+        assert refused["evidence"][:1] == b"\x01"  # the A-ASSOCIATE-RQ as received
     finally:
         first.release()
     assert wait_for(lambda: dcmtk("echoscu", "-aec", "RELAIS", "127.0.0.1", port).returncode == 0,

@@ -3,6 +3,7 @@ Success only after the instance is durable; duplicates, new versions and refusal
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,15 @@ def test_unknown_calling_ae_title_is_refused(relais, tmp_path: Path) -> None:
     port = running.app.port_of("dicom")
     refused = scu(port, calling="INTRUDER")
     assert refused.is_rejected
+    # The refusal is on record: who called, what they were told, the request they sent.
+    (row,) = running.store.query(
+        "SELECT message_id, sender, ack_code, error_code, reason FROM relais_messages WHERE status = 'reject'"
+    )
+    assert (row["sender"], row["ack_code"], row["error_code"]) == ("INTRUDER", "A-ASSOCIATE-RJ", "1-1-3")
+    events = running.store.events_of(uuid.UUID(row["message_id"]))
+    assert [e.topic for e in events] == ["relais.MessageReceived", "relais.MessageRejected"]
+    assert events[0].event["metadata"]["calling_ae"] == "INTRUDER"
+    assert b"INTRUDER" in running.store.payload(events[0].event["payload"]["sha256"])
     done = dcmtk("echoscu", "-aet", "MODALITY", "-aec", "RELAIS", "127.0.0.1", port)
     assert done.returncode == 0, done.stderr
 

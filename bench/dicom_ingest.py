@@ -57,9 +57,9 @@ def make_instances(folder: Path, count: int, large: bool, associations: int) -> 
     return dirs
 
 
-def relais_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
+def relais_server(home: Path, port: int, store: str = "") -> tuple[list[str], str, Callable[[], int]]:
     listener = f'[[listeners.dicom]]\nname = "bench"\nhost = "127.0.0.1"\nport = {port}\nae_title = "RELAIS"\n'
-    (home / "config.toml").write_text(relais_config(listener), encoding="utf-8")
+    (home / "config.toml").write_text(relais_config(listener, store), encoding="utf-8")
 
     def count() -> int:
         with sqlite3.connect(home / "data" / "relais.db") as db:
@@ -91,7 +91,17 @@ def storescp_server(home: Path, port: int) -> tuple[list[str], str, Callable[[],
     return cmd, "STORESCP", lambda: sum(1 for _ in out.iterdir())
 
 
-SERVERS = {"relais": relais_server, "orthanc": orthanc_server, "storescp": storescp_server}
+def relais_files_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
+    """Relais with every instance a blob file (no instance stored in the database), for A/B."""
+    return relais_server(home, port, "inline_payload_limit = 0")
+
+
+SERVERS = {
+    "relais": relais_server,
+    "relais-files": relais_files_server,
+    "orthanc": orthanc_server,
+    "storescp": storescp_server,
+}
 
 
 def send(port: int, called: str, dirs: list[Path]) -> tuple[float, int]:

@@ -219,7 +219,9 @@ class RelaisApp:
             self.study_router = StudyRouter(self.store, self.ingestor, self.router.channels)
             await self.study_router.start()
         ctx = functools.partial(server_ssl_context, config=self.config)
-        for server in dicom_servers(self.config.listeners.dicom, self.ingestor, self.store.blobs, ctx):
+        for server in dicom_servers(
+            self.config.listeners.dicom, self.ingestor, self.store.blobs, ctx, self.store.inline_limit
+        ):
             await server.start()
             self.dicom[server.name] = server
 

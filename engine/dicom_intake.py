@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from connectors.dicom import OUT_OF_RESOURCES, DicomServer, Refusal, StoreRequest
+from connectors.dicom_association import HEAD_LIMIT
 from engine.config import DicomListener
 from engine.dicom_header import scan_header, scan_header_bytes
 from engine.ingest import IngestUnavailable, Submission, Submitter, Verdict
@@ -64,10 +65,13 @@ def read_header(path: Path, head: bytes | None = None, size: int = 0) -> dict[st
 class DicomIntake:
     """The C-STORE handler of one DICOM listener."""
 
-    def __init__(self, listener: DicomListener, ingestor: Submitter, blobs: BlobStore) -> None:
+    def __init__(self, listener: DicomListener, ingestor: Submitter, blobs: BlobStore, inline_limit: int = 0) -> None:
         self.listener = listener
         self.ingestor = ingestor
         self.blobs = blobs
+        # Instances up to this size (and up to HEAD_LIMIT, what is kept in memory while it
+        # arrives) are stored in the database with their events rather than as blob files.
+        self.inline_limit = min(inline_limit, HEAD_LIMIT)
 
     async def on_store(self, req: StoreRequest) -> int:
         """Make the spooled file a durable blob, commit its events, answer a DIMSE status."""
@@ -76,13 +80,19 @@ class DicomIntake:
         except (InvalidDicomError, NotImplementedError, ValueError, KeyError, TypeError, EOFError, OSError):
             header = None
         verdict = _verdict(req, header)
-        try:  # made durable in a worker thread; the commit waits for it
-            synced = self.blobs.place(req.path, req.sha256)
-        except OSError as e:  # disk full, say: nothing was stored
+        ref = PayloadRef(req.sha256, req.size, "application/dicom", inline=req.size <= self.inline_limit)
+        synced: Future[None] | None = None
+        if ref.inline:
+            # Whole in memory already (head): its bytes go into the commit itself, one flush
+            # (the WAL's) instead of three (the blob, its folder, the commit).
             req.path.unlink(missing_ok=True)
-            log.error("dicom_blob_failed", listener=self.listener.name, error=type(e).__name__)
-            return OUT_OF_RESOURCES
-        ref = PayloadRef(req.sha256, req.size, "application/dicom", inline=False)
+        else:
+            try:  # made durable in a worker thread; the commit waits for it
+                synced = self.blobs.place(req.path, req.sha256)
+            except OSError as e:  # disk full, say: nothing was stored
+                req.path.unlink(missing_ok=True)
+                log.error("dicom_blob_failed", listener=self.listener.name, error=type(e).__name__)
+                return OUT_OF_RESOURCES
         submission = self._submission(req, header or {}, verdict, ref, synced)
         try:
             async with asyncio.timeout(self.listener.store_timeout):
@@ -120,7 +130,12 @@ class DicomIntake:
                     answer=refusal.answer, code=refusal.code)  # fmt: skip
 
     def _submission(
-        self, req: StoreRequest, header: dict[str, str], verdict: Verdict, ref: PayloadRef, synced: Future[None]
+        self,
+        req: StoreRequest,
+        header: dict[str, str],
+        verdict: Verdict,
+        ref: PayloadRef,
+        synced: Future[None] | None,
     ) -> Submission:
         accepted = verdict.status == "accepted"
         metadata: dict[str, Any] = {
@@ -167,7 +182,7 @@ class DicomIntake:
             listener=self.listener.name,
             protocol="dicom",
             peer=req.peer,
-            payload=b"",
+            payload=req.head if ref.inline else b"",
             content_type="application/dicom",
             # SOP Instance UIDs are globally unique whoever sends them (a PACS resending what
             # the modality sent is the same instance): no sender in the key. Refusals have no
@@ -179,7 +194,7 @@ class DicomIntake:
             metadata=metadata,
             verdict=verdict,
             events=events,
-            stored_payload=ref,
+            stored_payload=None if ref.inline else ref,
             blob_synced=synced,
         )
 
@@ -206,11 +221,12 @@ def dicom_servers(
     ingestor: Submitter,
     blobs: BlobStore,
     ssl_context_of: Any,
+    inline_limit: int = 0,
 ) -> list[DicomServer]:
     """The DICOM listeners of the config, each with its intake (not started)."""
     servers = []
     for listener in listeners:
-        intake = DicomIntake(listener, ingestor, blobs)
+        intake = DicomIntake(listener, ingestor, blobs, inline_limit)
         servers.append(DicomServer(
             name=listener.name,
             host=listener.host,

@@ -1,6 +1,7 @@
 """Crash safety of the DICOM listener: SIGKILL `relais run` while SCUs store, restart it on the
-same data, again and again. Every instance that got Success (0x0000) must be stored, its blob
-whole (its SHA-256 checks), whatever moment the process died at."""
+same data, again and again. Every instance that got Success (0x0000) must be stored whole (its
+SHA-256 checks), whatever moment the process died at: small instances in the database with
+their events, large ones as blob files synced before their commit."""
 
 from __future__ import annotations
 
@@ -60,10 +61,13 @@ def _start(workdir: Path, port: int, n: int) -> subprocess.Popen[bytes]:
 class Scu(threading.Thread):
     """Stores new instances until stopped, reconnecting after each kill; remembers the successes."""
 
-    def __init__(self, port: int, source: Path) -> None:
+    def __init__(self, port: int, source: Path, padding: int = 0) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.ds = dcmread(source)
+        if padding:  # a private element makes it larger than what is stored inline
+            self.ds.add_new(0x00091010, "LO", "RELAIS TEST")  # private creator
+            self.ds.add_new(0x00091011, "OB", b"\x00" * padding)
         self.stored: list[str] = []
         self.stop = threading.Event()
 
@@ -92,7 +96,7 @@ def test_every_instance_answered_success_survives_sigkill(tmp_path: Path) -> Non
     rng = random.Random(int(os.environ.get("RELAIS_CRASH_SEED", time.time_ns() % 1_000_000)))
     port = _free_port()
     source = sample("CT_small.dcm", tmp_path)
-    scus = [Scu(port, source) for _ in range(SCUS)]
+    scus = [Scu(port, source, padding=300_000 if n == 0 else 0) for n in range(SCUS)]
     procs = [_start(tmp_path, port, 0)]
     for scu in scus:
         scu.start()
@@ -124,8 +128,10 @@ def test_every_instance_answered_success_survives_sigkill(tmp_path: Path) -> Non
         lost = [uid for uid in succeeded if uid not in stored]
         assert not lost, f"{len(lost)} instance(s) answered Success are not stored, e.g. {lost[:3]}"
         for uid in succeeded:
-            data = store.blobs.get(stored[uid])
-            assert hashlib.sha256(data).hexdigest() == stored[uid], f"blob of {uid} is not whole"
+            data = store.payload(stored[uid])  # checks the bytes against their hash
+            assert hashlib.sha256(data).hexdigest() == stored[uid], f"instance {uid} is not whole"
             assert uid.encode() in data[:2048]
+        places = {bool(store.blobs.exists(stored[uid])) for uid in succeeded}
+        assert places == {True, False}, "both the inline and the blob-file paths must be exercised"
     finally:
         store.close()

@@ -3,6 +3,7 @@ C-STORE to another node, through the outbox, with the patient ID of the receiver
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 from pathlib import Path
@@ -70,7 +71,7 @@ def test_ct_study_is_forwarded_with_the_receivers_patient_id(relais, tmp_path: P
     assert {g["patient_id"] for g in got} == {"B-777"} and {g["issuer_of_patient_id"] for g in got} == {"CHU_B"}
     for g in got:
         original = dcmread(tmp_path / "in" / f"{g['sop_instance_uid']}.dcm")
-        forwarded = dcmread(receiver.store.blobs.path_of(g["sha256"]))
+        forwarded = dcmread(io.BytesIO(receiver.store.payload(g["sha256"])))
         assert forwarded.PixelData == original.PixelData
         assert forwarded.StudyInstanceUID == study
 

@@ -3,6 +3,7 @@ Success only after the instance is durable; duplicates, new versions and refusal
 
 from __future__ import annotations
 
+import io
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def test_storescu_instances_are_stored_with_their_identifiers(relais, tmp_path: 
         assert event["patient_id"] == "IPP12345" and event["accession_number"] == "ACC42"
         assert event["calling_ae"] == "MODALITY" and event["modality"] == original.Modality
         assert event["transfer_syntax"] == original.file_meta.TransferSyntaxUID
-        stored = dcmread(store.blobs.path_of(event["sha256"]))
+        stored = dcmread(io.BytesIO(store.payload(event["sha256"])))
         if "PixelData" in original:
             assert stored.PixelData == original.PixelData
         else:

@@ -43,7 +43,7 @@ def test_a_quiet_study_completes_with_its_series_and_instances(relais, tmp_path:
     assert completed["metadata"]["calling_ae"] == ["CT_CHU"]
     manifest = json.loads(running.store.payload(completed["manifest"]["sha256"]))
     assert sorted(m["sop_instance_uid"] for m in manifest) == sorted(p.stem for p in files)
-    assert all(running.store.blobs.exists(m["sha256"]) for m in manifest)
+    assert all(running.store.payload(m["sha256"]) for m in manifest)  # each stored, hash checked
     assert [c["instances"] for uid, c in done.items() if uid != study] == [1]
 
 

@@ -11,7 +11,7 @@ import hashlib
 import socket
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +21,17 @@ import uvicorn
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
+from connectors.http_body import BodyError, media_type, multipart_parts, read_body
+from connectors.http_problems import (
+    Accepted,
+    MessageView,
+    ProblemError,
+    problem_response,
+    problem_responses,
+)
 from connectors.mllp import FrameAnswer
 from engine.config import HttpListener, HttpToken, MllpListener
 from engine.hl7_intake import Hl7Intake
@@ -44,7 +51,6 @@ __all__ = ["Client", "RestServer", "create_app", "token_digest"]
 
 log = structlog.get_logger("relais.rest")
 
-PROBLEM = "application/problem+json"
 HL7_TYPES = ("application/hl7-v2", "x-application/hl7-v2+er7", "text/plain")
 RETRY_AFTER = "5"
 # Who may do what; every client may read its own messages.
@@ -73,152 +79,6 @@ class Client:
     @property
     def reads_all(self) -> bool:
         return bool(self.roles & READ_ALL_ROLES)
-
-
-class _Problem(Exception):
-    def __init__(
-        self, status: int, title: str, errors: Iterable[FieldError] = (), headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(title)
-        self.status, self.title, self.errors, self.headers = status, title, list(errors), headers or {}
-
-
-# -- documented shapes (OpenAPI) --------------------------------------------------------------
-
-
-class ProblemField(BaseModel):
-    field: str
-    message: str
-
-
-class Problem(BaseModel):
-    """RFC 9457 problem details; `errors` names the fields at fault."""
-
-    type: str
-    title: str
-    status: int
-    detail: str = ""
-    errors: list[ProblemField] = Field(default_factory=list)
-    message_id: str | None = None
-
-
-class Accepted(BaseModel):
-    id: str = Field(description="the message ID; follow the Location header for its status")
-    status: str
-    received_at: str
-    duplicate: bool = Field(description="true when this answers a resend under the same Idempotency-Key")
-
-
-class EventView(BaseModel):
-    version: int
-    topic: str
-    recorded_at: str
-    fields: dict[str, Any]
-
-
-class MessageView(BaseModel):
-    id: str
-    protocol: str
-    listener: str
-    received_at: str
-    status: str = Field(description="accepted | rejected | routed | not_routed | delivered | dead_lettered")
-    events: list[EventView]
-
-
-def _problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Problem, "content": {PROBLEM: {}}, "description": _TITLES[code]} for code in codes}
-
-
-_TITLES = {
-    400: "Malformed request",
-    401: "Missing or unknown bearer token",
-    403: "The client's roles do not allow this",
-    404: "No such message (or not visible to this client)",
-    408: "The request body did not arrive in time",
-    413: "The request body is too large",
-    415: "Unsupported content type",
-    422: "The request does not match the schema",
-    503: "Not stored: resend later (Retry-After)",
-}
-
-
-def _problem(
-    status: int,
-    title: str,
-    errors: Iterable[FieldError] = (),
-    headers: dict[str, str] | None = None,
-    message_id: str | None = None,
-) -> Response:
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": title,
-        "status": status,
-        "detail": _TITLES.get(status, ""),
-        "errors": [{"field": e.field, "message": e.message} for e in errors],
-    }
-    if message_id:
-        body["message_id"] = message_id
-    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM, headers=headers)
-
-
-# -- reading requests ------------------------------------------------------------------------------
-
-
-class _BodyError(Exception):
-    def __init__(self, status: int, reason: str, partial: bytes) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.partial = status, reason, partial
-
-
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The whole body, at most `limit` bytes, within `timeout` seconds."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _BodyError(413, f"body larger than {limit} bytes", b"")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _BodyError(413, f"body larger than {limit} bytes", b"".join(chunks))
-                chunks.append(chunk)
-    except TimeoutError:
-        raise _BodyError(408, f"body not received within {timeout:g} s", b"".join(chunks)) from None
-    except ClientDisconnect:
-        raise _BodyError(400, "client closed the connection before the end of the body", b"".join(chunks)) from None
-    return b"".join(chunks)
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-async def _multipart_parts(request: Request, body: bytes, limit: int) -> tuple[bytes, dict[str, bytes]]:
-    """The `metadata` JSON part and the file parts by name, from an already read body."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    async def stream() -> Any:
-        yield body
-        yield b""
-
-    try:
-        parser = MultiPartParser(request.headers, stream(), max_files=100, max_fields=100, max_part_size=limit)
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise _Problem(400, "multipart body cannot be read", [FieldError("body", str(e)[:200])]) from None
-    metadata = form.get("metadata")
-    if metadata is None:
-        raise _Problem(422, "multipart body has no 'metadata' part", [FieldError("metadata", "missing")])
-    meta_bytes = await metadata.read() if isinstance(metadata, UploadFile) else metadata.encode()
-    parts: dict[str, bytes] = {}
-    for key, value in form.multi_items():
-        if key != "metadata":
-            parts[key] = await value.read() if isinstance(value, UploadFile) else value.encode()
-    await form.close()
-    return meta_bytes, parts
 
 
 class _ClientSubmitter:
@@ -280,7 +140,7 @@ def create_app(
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _Problem(
+            raise ProblemError(
                 401,
                 "bearer token required",
                 [FieldError("Authorization", "missing bearer token")],
@@ -288,7 +148,7 @@ def create_app(
             )
         client = clients.get(token_digest(token.strip()))
         if client is None:
-            raise _Problem(
+            raise ProblemError(
                 401,
                 "unknown bearer token",
                 [FieldError("Authorization", "token not recognised")],
@@ -299,20 +159,20 @@ def create_app(
     def peer_of(request: Request) -> str:
         return f"{request.client.host}:{request.client.port}" if request.client else ""
 
-    @app.exception_handler(_Problem)
-    async def _on_problem(request: Request, exc: _Problem) -> Response:
-        return _problem(exc.status, exc.title, exc.errors, exc.headers)
+    @app.exception_handler(ProblemError)
+    async def _on_problem(request: Request, exc: ProblemError) -> Response:
+        return problem_response(exc.status, exc.title, exc.errors, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> Response:
         errors = [
             FieldError(".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), e["msg"]) for e in exc.errors()
         ]
-        return _problem(422, "request does not match the schema", errors[:20])
+        return problem_response(422, "request does not match the schema", errors[:20])
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
-        return _problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     async def record_refusal(submission: Submission) -> str | None:
         try:
@@ -340,8 +200,8 @@ def create_app(
         )
         message_id = await record_refusal(rejected)
         if message_id is None:
-            return _problem(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
-        return _problem(problem.status, problem.title, problem.errors, message_id=message_id)
+            return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+        return problem_response(problem.status, problem.title, problem.errors, message_id=message_id)
 
     submission_schema = TypeAdapter(SubmissionBody).json_schema(ref_template="#/components/schemas/{model}")
     defs = submission_schema.pop("$defs", {})
@@ -355,7 +215,7 @@ def create_app(
         response_model=Accepted,
         responses={
             202: {"headers": {"Location": {"schema": {"type": "string"}}}},
-            **_problem_responses(400, 401, 403, 408, 413, 415, 422, 503),
+            **problem_responses(400, 401, 403, 408, 413, 415, 422, 503),
         },
         openapi_extra={
             "requestBody": {
@@ -385,11 +245,11 @@ def create_app(
     ) -> Response:
         client = authenticate(request)
         if not (client.may("document") or client.may("telemedicine")):
-            raise _Problem(403, "this client may not submit", [FieldError("Authorization", "role")])
+            raise ProblemError(403, "this client may not submit", [FieldError("Authorization", "role")])
         key = idempotency_key or ""
-        media = _media_type(request)
+        media = media_type(request)
         if media not in ("application/json", "multipart/form-data"):
-            raise _Problem(
+            raise ProblemError(
                 415,
                 "send application/json or multipart/form-data",
                 [FieldError("Content-Type", f"{media or 'none'} is not accepted")],
@@ -398,8 +258,8 @@ def create_app(
         try:
             if media == "multipart/form-data":
                 try:
-                    meta, parts = await _multipart_parts(request, body, listener.max_body_bytes)
-                except _Problem as p:
+                    meta, parts = await multipart_parts(request, body, listener.max_body_bytes)
+                except ProblemError as p:
                     raise InvalidSubmission(p.status, p.title, p.errors) from None
                 parsed, contents = parse_submission(meta, parts)
             else:
@@ -407,7 +267,7 @@ def create_app(
         except InvalidSubmission as problem:
             return await refuse(request, client, key, body, problem)
         if not client.may(parsed.kind):
-            raise _Problem(
+            raise ProblemError(
                 403,
                 f"this client may not submit {parsed.kind} requests",
                 [FieldError("kind", f"roles {sorted(client.roles)} do not allow it")],
@@ -426,12 +286,12 @@ def create_app(
             receipt = await ingestor.submit(submission)
         except IngestUnavailable:
             log.error("submission_not_stored", listener=listener.name, client=client.name)
-            return _problem(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+            return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
         if receipt.verdict.status != "accepted":  # the key was used before for another submission
             log.warning("idempotency_key_reused", message_id=str(receipt.message_id), listener=listener.name,
                         client=client.name)  # fmt: skip
             reused = [FieldError(receipt.verdict.location, "reused with a different body")]
-            return _problem(422, receipt.verdict.reason, reused, message_id=str(receipt.message_id))
+            return problem_response(422, receipt.verdict.reason, reused, message_id=str(receipt.message_id))
         log.info(
             "submission_received",
             message_id=str(receipt.message_id),
@@ -454,8 +314,8 @@ def create_app(
 
     async def _body_or_problem(request: Request, client: Client, key: str) -> bytes:
         try:
-            return await _read_body(request, listener.max_body_bytes, listener.body_timeout)
-        except _BodyError as e:
+            return await read_body(request, listener.max_body_bytes, listener.body_timeout)
+        except BodyError as e:
             problem = InvalidSubmission(e.status, e.reason, [FieldError("body", e.reason)])
             rejected = rejected_submission(
                 e.partial,
@@ -467,7 +327,7 @@ def create_app(
                 idempotency_key=key,
             )
             await record_refusal(rejected)
-            raise _Problem(e.status, e.reason, [FieldError("body", e.reason)]) from None
+            raise ProblemError(e.status, e.reason, [FieldError("body", e.reason)]) from None
 
     @app.post(
         "/v1/hl7",
@@ -477,7 +337,7 @@ def create_app(
                 "content": {"application/hl7-v2": {"schema": {"type": "string"}}},
             },
             204: {"description": "no ACK is due (enhanced mode NE/ER/SU, or an ACK was sent)"},
-            **_problem_responses(400, 401, 403, 408, 413, 415, 503),
+            **problem_responses(400, 401, 403, 408, 413, 415, 503),
         },
         openapi_extra={
             "requestBody": {
@@ -491,28 +351,28 @@ def create_app(
     async def hl7(request: Request) -> Response:
         client = authenticate(request)
         if not client.may("hl7"):
-            raise _Problem(403, "this client may not send HL7", [FieldError("Authorization", "role")])
-        media = _media_type(request)
+            raise ProblemError(403, "this client may not send HL7", [FieldError("Authorization", "role")])
+        media = media_type(request)
         if media not in HL7_TYPES:
-            raise _Problem(
+            raise ProblemError(
                 415, f"send ER7 as {HL7_TYPES[0]}", [FieldError("Content-Type", f"{media or 'none'} is not accepted")]
             )
         submitter = _ClientSubmitter(ingestor, client)
         intake = Hl7Intake(hl7_rules, submitter, protocol="http-hl7", decisions=decisions)
         peer = peer_of(request)
         try:
-            raw = await _read_body(request, listener.max_body_bytes, listener.body_timeout)
-        except _BodyError as e:
+            raw = await read_body(request, listener.max_body_bytes, listener.body_timeout)
+        except BodyError as e:
             if e.status == 413:
                 await intake.oversized(e.partial, peer)
             else:
                 await intake.truncated(e.partial, peer, e.reason)
-            raise _Problem(e.status, e.reason, [FieldError("body", e.reason)]) from None
+            raise ProblemError(e.status, e.reason, [FieldError("body", e.reason)]) from None
         answer = await intake.handle(raw, peer)
         if submitter.unavailable:
             if isinstance(answer, FrameAnswer):
                 _discard(answer.later)
-            return _problem(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+            return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
         if isinstance(answer, FrameAnswer):
             # HTTP has one answer per request: the commit ACK; the application ACK is not sent.
             _discard(answer.later)
@@ -524,12 +384,12 @@ def create_app(
     @app.get(
         "/v1/messages/{message_id}",
         response_model=MessageView,
-        responses=_problem_responses(401, 404, 422),
+        responses=problem_responses(401, 404, 422),
         summary="Status and events of any message, whatever its protocol",
     )
     async def message(request: Request, message_id: uuid.UUID) -> Response:
         client = authenticate(request)
-        not_found = _Problem(404, "no such message", [FieldError("message_id", "unknown")])
+        not_found = ProblemError(404, "no such message", [FieldError("message_id", "unknown")])
         oid = message_id
         records = await in_thread(store.events_of, oid)
         if not records or records[0].topic != "relais.MessageReceived":

@@ -31,6 +31,8 @@ PROBLEM = "application/problem+json"
 
 
 class ProblemError(Exception):
+    """Raised in a handler: answered as problem+json with `status`, `title` and the fields at fault."""
+
     def __init__(
         self, status: int, title: str, errors: Iterable[FieldError] = (), headers: dict[str, str] | None = None
     ) -> None:

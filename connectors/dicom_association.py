@@ -94,9 +94,10 @@ StoreHandler = Callable[[StoreRequest], Awaitable[int]]
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """An association refused (A-ASSOCIATE-RJ) or aborted by Relais (A-ABORT), with the PDU
-    that caused it (its first EVIDENCE_LIMIT bytes; the 6-byte header of an oversized one)."""
+    that caused it (its first EVIDENCE_LIMIT bytes; the 6-byte header of an oversized one), or a
+    dataset the peer left unfinished, with its first bytes."""
 
-    answer: str  # "A-ASSOCIATE-RJ" or "A-ABORT"
+    answer: str  # "A-ASSOCIATE-RJ", "A-ABORT", or "none" (the peer went mid-dataset)
     code: str  # RJ: result-source-diagnostic ("1-1-3"); A-ABORT: source-reason ("2-6")
     reason: str
     peer: str
@@ -199,8 +200,8 @@ async def serve_association(
     except ProtocolError as e:
         log.warning("dicom_association_aborted", peer=peer, reason=str(e))
         await association.abort(e.reason, str(e))
-    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-        pass
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+        await association.record_cut(e)
     except Exception as e:  # a bug must end this association only, with an A-ABORT
         log.error("dicom_association_failed", peer=peer, error=type(e).__name__, detail=str(e)[:200])
         await association.abort(0x00, f"internal error ({type(e).__name__})")
@@ -240,6 +241,16 @@ class _Association:
         if self.rules.on_refusal is not None:
             refusal = Refusal(answer, code, reason, self.peer, self.calling_ae, self.called_ae, self.last_pdu)
             await self.rules.on_refusal(refusal)
+
+    async def record_cut(self, error: Exception) -> None:
+        """A dataset the peer never finished (connection lost, silent past `network_timeout`)
+        is kept as refused with what came of it: its first EVIDENCE_LIMIT bytes."""
+        dataset = self.dataset
+        if dataset is None or dataset.command != _C_STORE_RQ:
+            return  # between operations: nothing was left unfinished
+        self.last_pdu = bytes(dataset.head[:EVIDENCE_LIMIT])
+        how = "silent past the network timeout" if isinstance(error, TimeoutError) else "connection lost"
+        await self._record("none", "", f"dataset cut after {dataset.size} bytes ({how})")
 
     async def abort(self, reason: int, detail: str) -> None:
         """Record what broke the protocol, then A-ABORT (service provider, `reason`)."""

@@ -115,7 +115,7 @@ class DicomIntake:
         submission = Submission(
             listener=self.listener.name, protocol="dicom", peer=refusal.peer, payload=refusal.evidence,
             content_type="application/octet-stream", sender=refusal.calling_ae, message_type="DICOM",
-            trigger_event=refusal.answer,
+            trigger_event=refusal.answer if refusal.answer != "none" else "C-STORE",
             metadata={"calling_ae": refusal.calling_ae, "called_ae": refusal.called_ae, "refused": refusal.reason},
             verdict=Verdict("reject", refusal.answer, refusal.code, refusal.reason),
         )  # fmt: skip

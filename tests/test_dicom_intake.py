@@ -263,7 +263,13 @@ def test_connection_cut_mid_dataset_stores_nothing_and_the_listener_goes_on(rela
     assoc.abort()
     spool = running.store.blobs.spool  # holds empty files made ahead for the next datasets
     assert wait_for(lambda: all(p.stat().st_size == 0 for p in spool.iterdir()), "the partial dataset to go")
-    assert topics(running.store) == []
+    # Kept as refused with the bytes that came (its start), not as an instance.
+    assert wait_for(lambda: topics(running.store) == ["relais.MessageReceived", "relais.MessageRejected"],
+                    "the cut dataset to be recorded")  # fmt: skip
+    (row,) = running.store.query("SELECT trigger_event, ack_code, reason, payload_sha256 FROM relais_messages")
+    assert (row["trigger_event"], row["ack_code"]) == ("C-STORE", "none")
+    assert "dataset cut after" in row["reason"] and "connection lost" in row["reason"]
+    assert running.store.payload(row["payload_sha256"])[128:132] == b"DICM"  # the file meta and what followed
     done = dcmtk("storescu", "-aec", "RELAIS", "127.0.0.1", port, sample("CT_small.dcm", tmp_path))
     assert done.returncode == 0, done.stderr
     assert topics(running.store).count("relais.InstanceReceived") == 1

@@ -30,7 +30,7 @@ from event_store import (
     PayloadRef,
 )
 
-__all__ = ["Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict"]
+__all__ = ["Appender", "Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict"]
 
 log = structlog.get_logger("relais.ingest")
 
@@ -123,6 +123,15 @@ def _now() -> str:
 
 
 _Item = tuple[Submission | Appendix, asyncio.Future[Any]]
+
+
+class Appender(Protocol):
+    """What a follower of the log needs: the local Ingestor, or the router process's link
+    to the writer (engine/router_process.py)."""
+
+    async def append(self, appendix: Appendix) -> None: ...
+
+    def commit_signal(self) -> asyncio.Event: ...
 
 
 class Submitter(Protocol):

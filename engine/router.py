@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from engine.follower import LogFollower
-from engine.ingest import Appendix, Ingestor, uuid7
+from engine.ingest import Appender, Appendix, uuid7
 from engine.route_items import SUBMISSION_PROTOCOLS, items_of, route_items
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
 from engine.tasks import in_thread
@@ -29,7 +29,7 @@ from event_store import EventStore
 from event_store.events import MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
 
-__all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "plan_message", "plan_routes"]
+__all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "RoutingDecisions", "plan_message", "plan_routes"]
 
 log = structlog.get_logger("relais.router")
 
@@ -107,14 +107,13 @@ def plan_message(
     return plan_routes(channels, message_id, position, received, raw, store.inline_limit)
 
 
-class Router(LogFollower):
-    name = "router"
-    min_interval = 0.01
+class RoutingDecisions:
+    """The routing decisions the HL7 intake waits for (enhanced-mode application ACKs):
+    completed when the appendix that records them is committed, or read from the log for
+    an older message. Lives in the process that owns the writer, wherever routing runs."""
 
-    def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
-        super().__init__(store, ingestor)
-        self.channels: tuple[Channel, ...] = tuple(channels)
-        # Who waits for a routing decision (HL7 application ACKs), and the latest decisions.
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
         self._waiting: dict[uuid.UUID, list[asyncio.Future[MessageRouted | NotRouted]]] = {}
         self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted] = OrderedDict()
 
@@ -150,7 +149,7 @@ class Router(LogFollower):
         return None
 
     def committed(self, appendix: Appendix) -> None:
-        """Wake the application ACKs waiting for these decisions."""
+        """Wake the application ACKs waiting for the decisions of a committed appendix."""
         for message_id, event in appendix.events:
             if not isinstance(event, MessageRouted | NotRouted):
                 continue
@@ -160,6 +159,30 @@ class Router(LogFollower):
                     fut.set_result(event)
         while len(self._recent) > 10_000:
             self._recent.popitem(last=False)
+
+
+class Router(LogFollower):
+    name = "router"
+    min_interval = 0.01
+
+    def __init__(
+        self,
+        store: EventStore,
+        ingestor: Appender,
+        channels: Sequence[Channel],
+        decisions: RoutingDecisions | None = None,
+    ) -> None:
+        super().__init__(store, ingestor)
+        self.channels: tuple[Channel, ...] = tuple(channels)
+        # Who waits for a routing decision (HL7 application ACKs), and the latest decisions.
+        self.decisions = decisions or RoutingDecisions(store)
+
+    async def decision(self, message_id: uuid.UUID, timeout: float = 30.0) -> MessageRouted | NotRouted | None:
+        """The routing decision for a message, once committed (None if it takes too long)."""
+        return await self.decisions.decision(message_id, timeout)
+
+    def committed(self, appendix: Appendix) -> None:
+        self.decisions.committed(appendix)
 
     def reload(self, channels: Sequence[Channel]) -> None:
         """Swap the channels; messages from now on use the new ones."""

@@ -121,7 +121,7 @@ def _encode(event: Event, stream_prev: str, log_prev: str) -> bytes:
 
 
 class EventStore:
-    def __init__(self, recorder: Recorder, blobs: BlobStore, inline_limit: int) -> None:
+    def __init__(self, recorder: Recorder, blobs: BlobStore, inline_limit: int, checkpoints: bool = True) -> None:
         self.recorder = recorder
         self.blobs = blobs
         self.inline_limit = inline_limit
@@ -132,8 +132,10 @@ class EventStore:
         self._heads: dict[UUID, tuple[int, str]] = {}
         self._writer_lock: WriterLock | None = None
         self._closed = threading.Event()
+        self._checkpoints = checkpoints
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint", daemon=True)
-        self._checkpointer.start()
+        if checkpoints:
+            self._checkpointer.start()
         last = self._last_notification()
         if last is not None:
             self._log_head = event_hash(last.originator_id, last.originator_version, last.topic, last.state)
@@ -147,12 +149,15 @@ class EventStore:
         lock_timeout: float = 10.0,
         *,
         writer: bool = False,
+        checkpoints: bool = True,
     ) -> EventStore:
         """Open a store; `writer=True` for the one process that appends (raises StoreBusy
-        when another holds it), readers (the CLI) open it freely."""
+        when another holds it), readers (the CLI) open it freely. `checkpoints=False`: a
+        reader that lives beside the engine (the router process) leaves WAL checkpoints to
+        the writer's process."""
         lock = WriterLock.acquire(url) if writer else None
         try:
-            store = cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit)
+            store = cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit, checkpoints)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -169,11 +174,12 @@ class EventStore:
 
     def close(self) -> None:
         self._closed.set()
-        self._checkpointer.join(5)
-        try:
-            self.recorder.checkpoint()
-        except Exception as e:
-            log.warning("checkpoint_failed", error=type(e).__name__)
+        if self._checkpoints:
+            self._checkpointer.join(5)
+            try:
+                self.recorder.checkpoint()
+            except Exception as e:
+                log.warning("checkpoint_failed", error=type(e).__name__)
         self._blob_writers.shutdown(wait=True)
         self.blobs.close()
         self.recorder.datastore.close()

@@ -22,6 +22,7 @@ from engine.tasks import in_thread
 from event_store import (
     Batch,
     DuplicateReceived,
+    EncodedEvent,
     Event,
     EventStore,
     MessageIndexRow,
@@ -89,11 +90,9 @@ class Appendix:
     """Events about messages already in the log (routing, deliveries), the payloads they
     name and the rows kept in step with them (outbox, tracking), committed together."""
 
-    events: list[tuple[uuid.UUID, Event]] = field(default_factory=list)
+    # EncodedEvent: encoded by the process that derived it (engine/router_process.py).
+    events: list[tuple[uuid.UUID, Event | EncodedEvent]] = field(default_factory=list)
     payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
-    # When set, a control ID this sender already used for other content refuses the
-    # submission with this verdict (REST Idempotency-Key) instead of accepting it flagged.
-    reused_key_verdict: Verdict | None = None
     statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
 
 

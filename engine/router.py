@@ -26,7 +26,7 @@ from engine.route_items import SUBMISSION_PROTOCOLS, items_of, route_items
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
 from engine.tasks import in_thread
 from event_store import EventStore
-from event_store.events import MessageRouted, NotRouted, PlannedDelivery
+from event_store.events import EncodedEvent, MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
 
 __all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "RoutingDecisions", "plan_message", "plan_routes"]
@@ -115,11 +115,13 @@ class RoutingDecisions:
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self._waiting: dict[uuid.UUID, list[asyncio.Future[MessageRouted | NotRouted]]] = {}
-        self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted] = OrderedDict()
+        self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted | EncodedEvent] = OrderedDict()
 
     async def decision(self, message_id: uuid.UUID, timeout: float = 30.0) -> MessageRouted | NotRouted | None:
         """The routing decision for a message, once committed (None if it takes too long)."""
         known = self._recent.get(message_id)
+        if isinstance(known, EncodedEvent):
+            known = self._recent[message_id] = _decision_of(known)
         if known is not None:
             return known
         fut: asyncio.Future[MessageRouted | NotRouted] = asyncio.get_running_loop().create_future()
@@ -142,23 +144,51 @@ class RoutingDecisions:
 
     def _recorded_decision(self, message_id: uuid.UUID) -> MessageRouted | NotRouted | None:
         for record in reversed(self.store.events_of(message_id)):
-            if record.topic == "relais.MessageRouted":
-                return MessageRouted(**{**record.event, "deliveries": []})
-            if record.topic == "relais.NotRouted":
-                return NotRouted(**record.event)
+            if record.topic in DECISION_TOPICS:
+                return _decision(record.topic, record.event)
         return None
 
     def committed(self, appendix: Appendix) -> None:
         """Wake the application ACKs waiting for the decisions of a committed appendix."""
         for message_id, event in appendix.events:
-            if not isinstance(event, MessageRouted | NotRouted):
+            if isinstance(event, EncodedEvent):  # from the router process: decoded if asked
+                if event.topic not in DECISION_TOPICS:
+                    continue
+                waiting = self._waiting.pop(message_id, None)
+                if waiting:
+                    self._completed(message_id, _decision_of(event), waiting)
+                else:
+                    self._recent[message_id] = event
                 continue
-            self._recent[message_id] = event
-            for fut in self._waiting.pop(message_id, []):
-                if not fut.done():
-                    fut.set_result(event)
+            if isinstance(event, MessageRouted | NotRouted):
+                self._completed(message_id, event, self._waiting.pop(message_id, []))
         while len(self._recent) > 10_000:
             self._recent.popitem(last=False)
+
+    def _completed(
+        self,
+        message_id: uuid.UUID,
+        event: MessageRouted | NotRouted,
+        waiting: list[asyncio.Future[MessageRouted | NotRouted]],
+    ) -> None:
+        self._recent[message_id] = event
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(event)
+
+
+DECISION_TOPICS = frozenset({"relais.MessageRouted", "relais.NotRouted"})
+
+
+def _decision(topic: str, event: dict[str, Any]) -> MessageRouted | NotRouted:
+    """A decision read back (what an application ACK needs: not the planned deliveries)."""
+    if topic == "relais.MessageRouted":
+        return MessageRouted(**{**event, "deliveries": []})
+    return NotRouted(**event)
+
+
+def _decision_of(event: EncodedEvent) -> MessageRouted | NotRouted:
+    return _decision(event.topic, orjson.loads(event.body))
 
 
 class Router(LogFollower):

@@ -79,8 +79,9 @@ class RemoteAppender:
         return signal_
 
     async def append(self, appendix: Appendix) -> None:
-        if self.closed.is_set():
-            raise IngestUnavailable("the writer process is gone")
+        # The writer process gone (stopped or killed), this process stops too: an append
+        # waits until the router is cancelled. Whether the writer committed it or not, the
+        # next router process reads the position that was committed.
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
@@ -109,10 +110,6 @@ class RemoteAppender:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            for fut in self._waiting.values():
-                if not fut.done():
-                    fut.set_exception(IngestUnavailable("the writer process is gone"))
-            self._waiting.clear()
             self.closed.set()
 
 

@@ -143,3 +143,17 @@ def test_router_process_on_a_postgresql_store(relais, tmp_path: Path, pg_url: st
     wait_for(lambda: all("Delivered" in topics(hub, f"RPG-{i}") for i in range(3)), what="deliveries")
     assert [m.get("MSH-10") for m in received_by(partner)] == [f"RPG-{i}" for i in range(3)]
     assert hub.store.verify_chain().ok
+
+
+def test_router_in_the_main_process_still_routes_and_answers(relais, tmp_path: Path) -> None:
+    # `process = false`: the router is a task of the engine's own loop, as before.
+    partner = relais()
+    channel_file(tmp_path / "routes", partner.port)
+    hub = hub_in_processes(relais, tmp_path, process=False)
+    assert hub.app.router is not None and hub.app.router_process is None
+    with socket.create_connection(("127.0.0.1", hub.port)) as sock:
+        sock.sendall(b"\x0b" + adt("A01", control_id="RPM-1", accept_ack="AL", app_ack="AL").encode() + b"\x1c\r")
+        commit, application = read_frames(sock, 2)
+        assert (commit.get("MSA-1"), application.get("MSA-1")) == ("CA", "AA")
+    wait_for(lambda: "Delivered" in topics(hub, "RPM-1"), what="delivery")
+    assert [m.get("MSH-10") for m in received_by(partner)] == ["RPM-1"]

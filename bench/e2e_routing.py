@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--drain", type=float, default=60.0, help="max seconds to wait for the outbox to empty")
     ap.add_argument("--out-connections", type=int, default=1, help="the MLLP destination's parallel connections")
     ap.add_argument("--acceptors", type=int, default=0, help="[ingest] acceptors (processes parsing HL7)")
+    ap.add_argument("--router-process", choices=["on", "off"], help="[routing] process (default: the engine's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
         tmp = Path(d)
@@ -135,7 +136,12 @@ def main() -> int:
         (tmp / "config.toml").write_text(
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
             f"[ingest]\nacceptors = {args.acceptors}\n"
-            f'[[listeners.mllp]]\nname = "mllp"\nport = {relais_port}\n'
+            + (
+                f"[routing]\nprocess = {'true' if args.router_process == 'on' else 'false'}\n"
+                if args.router_process
+                else ""
+            )
+            + f'[[listeners.mllp]]\nname = "mllp"\nport = {relais_port}\n'
         )
         ctx = mp.get_context("spawn")
         recv_pipe, recv_child = ctx.Pipe(duplex=False)

@@ -29,7 +29,8 @@ from engine.hl7_intake import Hl7Intake
 from engine.identity_feed import IdentityDestination, ensure_identity_tables
 from engine.indexer import SearchIndexer
 from engine.ingest import Ingestor, Submitter
-from engine.router import Router
+from engine.router import Router, RoutingDecisions
+from engine.router_process import RouterProcess
 from engine.routes import Channel, RouteError, load_channels
 from event_store import EventStore
 
@@ -85,6 +86,9 @@ class RelaisApp:
         self.smtp: dict[str, Any] = {}  # name -> connectors.smtp.SmtpServer
         self.mail: Any = None  # engine.smtp_setup.MailServices: SMTP listeners, MDN planner and sender
         self.router: Router | None = None
+        self.router_process: RouterProcess | None = None  # [routing] process = true
+        self.decisions: RoutingDecisions | None = None
+        self.channels: list[Channel] = []
         self.delivery: DeliveryWorkers | None = None
         self.indexer: SearchIndexer | None = None
         self.gateway: IngestGateway | None = None
@@ -119,12 +123,16 @@ class RelaisApp:
 
     async def reload_routes(self) -> list[str]:
         """Load routes/ again; a bad file is refused and the running routes stay."""
-        if self.router is None or self.delivery is None:
+        if self.delivery is None:
             raise RuntimeError("routing is not running")
         channels = await asyncio.to_thread(load_channels, self.routes_dir)
         old = self.delivery.targets
         self.delivery.reload(self._targets(channels))
-        self.router.reload(channels)
+        self.channels = channels
+        if self.router_process is not None:
+            await self.router_process.reload(channels)
+        if self.router is not None:
+            self.router.reload(channels)
         if self.study_router is not None:
             self.study_router.reload(channels)
         for target in old.values():
@@ -171,13 +179,19 @@ class RelaisApp:
         await self.indexer.start()
         if cfg.routing.enabled:
             channels = await asyncio.to_thread(load_channels, self.routes_dir)  # RouteError: refuse to start
-            self.router = Router(self.store, self.ingestor, channels)
+            self.channels = channels
+            self.decisions = RoutingDecisions(self.store)
             self.delivery = DeliveryWorkers(
                 self.store, self.ingestor, self._targets(channels), cfg.routing.delivery_concurrency
             )
-            await self.router.start()
+            if cfg.routing.process:
+                self.router_process = RouterProcess(cfg, self.ingestor, self.decisions, channels)
+                await self.router_process.start()
+            else:
+                self.router = Router(self.store, self.ingestor, channels, self.decisions)
+                await self.router.start()
             await self.delivery.start()
-        decisions = self.router.decision if self.router else None
+        decisions = self.decisions.decision if self.decisions else None
         if cfg.ingest.acceptors:
             # Listeners live in acceptor processes; this one keeps the store and the writer.
             # A short private folder: Unix socket paths are limited to ~100 bytes.
@@ -203,6 +217,7 @@ class RelaisApp:
             self.smtp = self.mail.servers
             await self.mail.start()
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
+                 router_process=self.router_process.pid if self.router_process else None,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
     async def _start_dicom(self) -> None:
@@ -213,10 +228,10 @@ class RelaisApp:
         assert self.store is not None and self.ingestor is not None
         self.studies = StudyAssembler(self.store, self.ingestor, self.config.dicom.study_quiet_period)
         await self.studies.start()
-        if self.router is not None:
+        if self.decisions is not None:
             from engine.study_router import StudyRouter
 
-            self.study_router = StudyRouter(self.store, self.ingestor, self.router.channels)
+            self.study_router = StudyRouter(self.store, self.ingestor, self.channels)
             await self.study_router.start()
         ctx = functools.partial(server_ssl_context, config=self.config)
         for server in dicom_servers(
@@ -264,6 +279,8 @@ class RelaisApp:
             await self.indexer.stop()
         if self.router is not None:
             await self.router.stop()
+        if self.router_process is not None:
+            await self.router_process.stop()
         if self.delivery is not None:
             await self.delivery.stop()
         if self.ingestor is not None:

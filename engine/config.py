@@ -208,6 +208,9 @@ class RoutingSettings(_Strict):
     routes_dir: Path = Field(Path("routes"), description="one TOML file per channel")
     enabled: bool = True
     delivery_concurrency: int = Field(32, gt=0)
+    process: bool = Field(
+        True, description="run the router in its own process (its reads and planning off the writer's GIL)"
+    )
 
 
 class DicomSettings(_Strict):

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from engine.ingest import Appendix, Ingestor
+from engine.ingest import Appender, Appendix
 from engine.tasks import cancel_and_wait, in_thread
 from event_store import EventStore
 
@@ -39,7 +39,7 @@ class LogFollower:
     # (a follower whose work also comes from the clock sets it to its tick).
     wake_interval = 1.0
 
-    def __init__(self, store: EventStore, ingestor: Ingestor) -> None:
+    def __init__(self, store: EventStore, ingestor: Appender) -> None:
         self.store = store
         self.ingestor = ingestor
         self.position = 0

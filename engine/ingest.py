@@ -22,6 +22,7 @@ from engine.tasks import in_thread
 from event_store import (
     Batch,
     DuplicateReceived,
+    EncodedEvent,
     Event,
     EventStore,
     MessageIndexRow,
@@ -30,7 +31,7 @@ from event_store import (
     PayloadRef,
 )
 
-__all__ = ["Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict"]
+__all__ = ["Appender", "Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict"]
 
 log = structlog.get_logger("relais.ingest")
 
@@ -89,11 +90,9 @@ class Appendix:
     """Events about messages already in the log (routing, deliveries), the payloads they
     name and the rows kept in step with them (outbox, tracking), committed together."""
 
-    events: list[tuple[uuid.UUID, Event]] = field(default_factory=list)
+    # EncodedEvent: encoded by the process that derived it (engine/router_process.py).
+    events: list[tuple[uuid.UUID, Event | EncodedEvent]] = field(default_factory=list)
     payloads: list[tuple[PayloadRef, bytes]] = field(default_factory=list)
-    # When set, a control ID this sender already used for other content refuses the
-    # submission with this verdict (REST Idempotency-Key) instead of accepting it flagged.
-    reused_key_verdict: Verdict | None = None
     statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
 
 
@@ -123,6 +122,15 @@ def _now() -> str:
 
 
 _Item = tuple[Submission | Appendix, asyncio.Future[Any]]
+
+
+class Appender(Protocol):
+    """What a follower of the log needs: the local Ingestor, or the router process's link
+    to the writer (engine/router_process.py)."""
+
+    async def append(self, appendix: Appendix) -> None: ...
+
+    def commit_signal(self) -> asyncio.Event: ...
 
 
 class Submitter(Protocol):

@@ -21,15 +21,15 @@ import orjson
 import structlog
 
 from engine.follower import LogFollower
-from engine.ingest import Appendix, Ingestor, uuid7
+from engine.ingest import Appender, Appendix, uuid7
 from engine.route_items import SUBMISSION_PROTOCOLS, items_of, route_items
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
 from engine.tasks import in_thread
 from event_store import EventStore
-from event_store.events import MessageRouted, NotRouted, PlannedDelivery
+from event_store.events import EncodedEvent, MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
 
-__all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "plan_message", "plan_routes"]
+__all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "RoutingDecisions", "plan_message", "plan_routes"]
 
 log = structlog.get_logger("relais.router")
 
@@ -107,20 +107,21 @@ def plan_message(
     return plan_routes(channels, message_id, position, received, raw, store.inline_limit)
 
 
-class Router(LogFollower):
-    name = "router"
-    min_interval = 0.01
+class RoutingDecisions:
+    """The routing decisions the HL7 intake waits for (enhanced-mode application ACKs):
+    completed when the appendix that records them is committed, or read from the log for
+    an older message. Lives in the process that owns the writer, wherever routing runs."""
 
-    def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
-        super().__init__(store, ingestor)
-        self.channels: tuple[Channel, ...] = tuple(channels)
-        # Who waits for a routing decision (HL7 application ACKs), and the latest decisions.
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
         self._waiting: dict[uuid.UUID, list[asyncio.Future[MessageRouted | NotRouted]]] = {}
-        self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted] = OrderedDict()
+        self._recent: OrderedDict[uuid.UUID, MessageRouted | NotRouted | EncodedEvent] = OrderedDict()
 
     async def decision(self, message_id: uuid.UUID, timeout: float = 30.0) -> MessageRouted | NotRouted | None:
         """The routing decision for a message, once committed (None if it takes too long)."""
         known = self._recent.get(message_id)
+        if isinstance(known, EncodedEvent):
+            known = self._recent[message_id] = _decision_of(known)
         if known is not None:
             return known
         fut: asyncio.Future[MessageRouted | NotRouted] = asyncio.get_running_loop().create_future()
@@ -143,23 +144,75 @@ class Router(LogFollower):
 
     def _recorded_decision(self, message_id: uuid.UUID) -> MessageRouted | NotRouted | None:
         for record in reversed(self.store.events_of(message_id)):
-            if record.topic == "relais.MessageRouted":
-                return MessageRouted(**{**record.event, "deliveries": []})
-            if record.topic == "relais.NotRouted":
-                return NotRouted(**record.event)
+            if record.topic in DECISION_TOPICS:
+                return _decision(record.topic, record.event)
         return None
 
     def committed(self, appendix: Appendix) -> None:
-        """Wake the application ACKs waiting for these decisions."""
+        """Wake the application ACKs waiting for the decisions of a committed appendix."""
         for message_id, event in appendix.events:
-            if not isinstance(event, MessageRouted | NotRouted):
+            if isinstance(event, EncodedEvent):  # from the router process: decoded if asked
+                if event.topic not in DECISION_TOPICS:
+                    continue
+                waiting = self._waiting.pop(message_id, None)
+                if waiting:
+                    self._completed(message_id, _decision_of(event), waiting)
+                else:
+                    self._recent[message_id] = event
                 continue
-            self._recent[message_id] = event
-            for fut in self._waiting.pop(message_id, []):
-                if not fut.done():
-                    fut.set_result(event)
+            if isinstance(event, MessageRouted | NotRouted):
+                self._completed(message_id, event, self._waiting.pop(message_id, []))
         while len(self._recent) > 10_000:
             self._recent.popitem(last=False)
+
+    def _completed(
+        self,
+        message_id: uuid.UUID,
+        event: MessageRouted | NotRouted,
+        waiting: list[asyncio.Future[MessageRouted | NotRouted]],
+    ) -> None:
+        self._recent[message_id] = event
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(event)
+
+
+DECISION_TOPICS = frozenset({"relais.MessageRouted", "relais.NotRouted"})
+
+
+def _decision(topic: str, event: dict[str, Any]) -> MessageRouted | NotRouted:
+    """A decision read back (what an application ACK needs: not the planned deliveries)."""
+    if topic == "relais.MessageRouted":
+        return MessageRouted(**{**event, "deliveries": []})
+    return NotRouted(**event)
+
+
+def _decision_of(event: EncodedEvent) -> MessageRouted | NotRouted:
+    return _decision(event.topic, orjson.loads(event.body))
+
+
+class Router(LogFollower):
+    name = "router"
+    min_interval = 0.01
+
+    def __init__(
+        self,
+        store: EventStore,
+        ingestor: Appender,
+        channels: Sequence[Channel],
+        decisions: RoutingDecisions | None = None,
+    ) -> None:
+        super().__init__(store, ingestor)
+        self.channels: tuple[Channel, ...] = tuple(channels)
+        # Who waits for a routing decision (HL7 application ACKs), and the latest decisions.
+        self.decisions = decisions or RoutingDecisions(store)
+
+    async def decision(self, message_id: uuid.UUID, timeout: float = 30.0) -> MessageRouted | NotRouted | None:
+        """The routing decision for a message, once committed (None if it takes too long)."""
+        return await self.decisions.decision(message_id, timeout)
+
+    def committed(self, appendix: Appendix) -> None:
+        self.decisions.committed(appendix)
 
     def reload(self, channels: Sequence[Channel]) -> None:
         """Swap the channels; messages from now on use the new ones."""

@@ -6,6 +6,7 @@ Imports nothing of the rest of Relais; the engine, read models and replay build 
 from event_store.blobs import BlobStore, sha256_hex
 from event_store.events import (
     DuplicateReceived,
+    EncodedEvent,
     Event,
     MessageReceived,
     MessageRejected,
@@ -18,6 +19,7 @@ __all__ = [
     "BlobStore",
     "ChainReport",
     "DuplicateReceived",
+    "EncodedEvent",
     "Event",
     "EventStore",
     "MessageIndexRow",

@@ -16,6 +16,7 @@ __all__ = [
     "DeliveryAttempted",
     "DeliveryFailed",
     "DuplicateReceived",
+    "EncodedEvent",
     "Event",
     "IdentityUpdated",
     "MessageReceived",
@@ -203,8 +204,25 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }  # fmt: skip
 
 
-def topic_of(event: Event) -> str:
+def topic_of(event: Event | EncodedEvent) -> str:
+    if isinstance(event, EncodedEvent):
+        return event.topic
     return f"relais.{type(event).__name__}"
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event another process already encoded (its JSON object, as orjson writes it):
+    recorded as is under its topic, as if the event itself had been given."""
+
+    topic: str
+    body: bytes
+
+    @classmethod
+    def of(cls, event: Event) -> EncodedEvent:
+        import orjson
+
+        return cls(topic_of(event), orjson.dumps(event))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ import structlog
 from eventsourcing.persistence import StoredEvent
 
 from event_store.blobs import BlobStore, sha256_hex
-from event_store.events import EVENT_TYPES, Event, PayloadRef, topic_of
+from event_store.events import EVENT_TYPES, EncodedEvent, Event, PayloadRef, topic_of
 from event_store.recorders import Recorder, SideRows, open_recorder
 from event_store.writer_lock import WriterLock
 
@@ -69,7 +69,7 @@ class MessageIndexRow:
 class Batch:
     """What one transaction writes: events in order, the payloads they name, index rows."""
 
-    events: list[tuple[UUID, int, Event]] = field(default_factory=list)
+    events: list[tuple[UUID, int, Event | EncodedEvent]] = field(default_factory=list)
     payloads: dict[str, tuple[PayloadRef, bytes]] = field(default_factory=dict)
     index: list[MessageIndexRow] = field(default_factory=list)
     statements: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
@@ -115,13 +115,19 @@ def event_hash(originator_id: UUID, version: int, topic: str, state: bytes) -> s
     return h.hexdigest()
 
 
-def _encode(event: Event, stream_prev: str, log_prev: str) -> bytes:
+def _encode(event: Event | EncodedEvent, stream_prev: str, log_prev: str) -> bytes:
+    if isinstance(event, EncodedEvent):  # the same bytes orjson writes for the whole object
+        return b'{"stream_prev":"%s","log_prev":"%s","event":%s}' % (
+            stream_prev.encode(),
+            log_prev.encode(),
+            event.body,
+        )
     # orjson serialises (slotted) dataclasses natively, in field order: same bytes as asdict().
     return orjson.dumps({"stream_prev": stream_prev, "log_prev": log_prev, "event": event})
 
 
 class EventStore:
-    def __init__(self, recorder: Recorder, blobs: BlobStore, inline_limit: int) -> None:
+    def __init__(self, recorder: Recorder, blobs: BlobStore, inline_limit: int, checkpoints: bool = True) -> None:
         self.recorder = recorder
         self.blobs = blobs
         self.inline_limit = inline_limit
@@ -132,8 +138,10 @@ class EventStore:
         self._heads: dict[UUID, tuple[int, str]] = {}
         self._writer_lock: WriterLock | None = None
         self._closed = threading.Event()
+        self._checkpoints = checkpoints
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint", daemon=True)
-        self._checkpointer.start()
+        if checkpoints:
+            self._checkpointer.start()
         last = self._last_notification()
         if last is not None:
             self._log_head = event_hash(last.originator_id, last.originator_version, last.topic, last.state)
@@ -147,12 +155,15 @@ class EventStore:
         lock_timeout: float = 10.0,
         *,
         writer: bool = False,
+        checkpoints: bool = True,
     ) -> EventStore:
         """Open a store; `writer=True` for the one process that appends (raises StoreBusy
-        when another holds it), readers (the CLI) open it freely."""
+        when another holds it), readers (the CLI) open it freely. `checkpoints=False`: a
+        reader that lives beside the engine (the router process) leaves WAL checkpoints to
+        the writer's process."""
         lock = WriterLock.acquire(url) if writer else None
         try:
-            store = cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit)
+            store = cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit, checkpoints)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -169,11 +180,12 @@ class EventStore:
 
     def close(self) -> None:
         self._closed.set()
-        self._checkpointer.join(5)
-        try:
-            self.recorder.checkpoint()
-        except Exception as e:
-            log.warning("checkpoint_failed", error=type(e).__name__)
+        if self._checkpoints:
+            self._checkpointer.join(5)
+            try:
+                self.recorder.checkpoint()
+            except Exception as e:
+                log.warning("checkpoint_failed", error=type(e).__name__)
         self._blob_writers.shutdown(wait=True)
         self.blobs.close()
         self.recorder.datastore.close()

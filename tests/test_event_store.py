@@ -132,6 +132,22 @@ def test_a_large_batch_keeps_its_order_its_rows_and_its_chain(store: EventStore)
     assert store.query("SELECT position FROM relais_tracking WHERE name = 't'")[0]["position"] == 2
 
 
+def test_an_event_encoded_elsewhere_is_stored_as_the_event_itself(store: EventStore) -> None:
+    # The router process sends its events encoded; the log must not tell them apart.
+    from event_store import EncodedEvent
+    from event_store.events import MessageRouted, PlannedDelivery
+    from event_store.store import _encode
+
+    ref = Batch().add_payload(b"MSH|x", "application/hl7-v2", store.inline_limit)
+    routed = MessageRouted("2026-11-23T10:00:01+00:00", ["c"], [PlannedDelivery("d1", "c", "p", "k", ref)], 1)
+    assert _encode(EncodedEvent.of(routed), "a" * 64, "b" * 64) == _encode(routed, "a" * 64, "b" * 64)
+    mid, other = one_message(store, b"MSH|x"), one_message(store, b"MSH|y", control_id="C2")
+    store.commit(Batch(events=[(mid, 2, routed), (other, 2, EncodedEvent.of(routed))]))
+    first, second = (store.events_of(m)[1] for m in (mid, other))
+    assert (second.topic, second.event) == (first.topic, first.event) == ("relais.MessageRouted", first.event)
+    assert store.verify_chain().ok
+
+
 def test_store_reopens_with_its_chain_head(store: EventStore, tmp_path: Path) -> None:
     one_message(store, b"MSH|one", "1")
     url = store.recorder.datastore.pool.db_name if store.dialect == "sqlite" else None

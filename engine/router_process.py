@@ -1,0 +1,340 @@
+"""The router in its own process (`[routing] process = true`): its reads and its planning
+(ER7 parsing, transforms) leave the GIL of the process that takes messages in and commits.
+
+The router process opens its own read connection to the store and runs the same `Router`;
+what it derives (events, payloads, outbox rows and its tracking position: one `Appendix`)
+goes over a Unix socket to the main process's single writer, which commits it and only
+then answers. Exactly once across restarts as in one process: the position commits with
+what it derived, and a new router process starts only once everything the previous one
+sent has been committed or refused. The main process completes the routing decisions
+(HL7 application ACKs) when it commits them, and watches the process: one that dies is
+logged and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from engine.acceptors import _frame, _read_frame
+from engine.config import RelaisConfig
+from engine.ingest import Appendix, Ingestor, IngestUnavailable
+from engine.router import RoutingDecisions
+from engine.routes import Channel
+from engine.tasks import cancel_and_wait
+from event_store.events import EncodedEvent, PayloadRef, topic_of
+
+__all__ = ["RemoteAppender", "RouterProcess"]
+
+log = structlog.get_logger("relais.router_process")
+
+
+# Plain tuples and bytes on the wire: unpickling dataclasses runs Python code for each one
+# (~13 µs per routed message, in the main process), and the events are encoded here, once.
+def _pack_appendix(a: Appendix) -> tuple[Any, ...]:
+    events = [
+        (oid.bytes, topic_of(e), e.body if isinstance(e, EncodedEvent) else orjson.dumps(e)) for oid, e in a.events
+    ]
+    payloads = [(ref.sha256, ref.size, ref.content_type, ref.inline, data) for ref, data in a.payloads]
+    return (events, payloads, a.statements)
+
+
+def _unpack_appendix(t: tuple[Any, ...]) -> Appendix:
+    return Appendix(
+        events=[(uuid.UUID(bytes=oid), EncodedEvent(topic, body)) for oid, topic, body in t[0]],
+        payloads=[
+            (PayloadRef(sha256, size, content_type, inline), data) for sha256, size, content_type, inline, data in t[1]
+        ],
+        statements=t[2],
+    )
+
+
+class RemoteAppender:
+    """In the router process: the Ingestor's `append` and `commit_signal` over the socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._signals: list[asyncio.Event] = []
+        self.channels: asyncio.Queue[tuple[int, list[Channel]]] = asyncio.Queue()
+        self.closed = asyncio.Event()
+
+    def commit_signal(self) -> asyncio.Event:
+        signal_ = asyncio.Event()
+        self._signals.append(signal_)
+        return signal_
+
+    async def append(self, appendix: Appendix) -> None:
+        # The writer process gone (stopped or killed), this process stops too: an append
+        # waits until the router is cancelled. Whether the writer committed it or not, the
+        # next router process reads the position that was committed.
+        request_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = fut
+        self._writer.write(_frame(("append", request_id, _pack_appendix(appendix))))
+        status, value = await fut
+        if status != "ok":
+            raise IngestUnavailable(value)
+
+    def answer(self, request_id: int, body: Any) -> None:
+        self._writer.write(_frame(("answer", request_id, body)))
+
+    async def read(self) -> None:
+        """Answers to our appends, commit notices and new channels from the main process."""
+        try:
+            while True:
+                kind, request_id, body = await _read_frame(self._reader)
+                if kind == "answer":
+                    fut = self._waiting.pop(request_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(body)
+                elif kind == "committed":
+                    for signal_ in self._signals:
+                        signal_.set()
+                elif kind == "channels":
+                    self.channels.put_nowait((request_id, body))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+
+
+def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]) -> None:
+    """The body of the router process."""
+    from engine.logs import configure_logging
+    from engine.router import Router
+    from event_store import EventStore
+
+    configure_logging(config.log.level, config.log.format)
+
+    async def run() -> None:
+        store = await asyncio.to_thread(
+            EventStore.open,
+            config.store_url,
+            config.resolve(config.store.blob_dir),
+            config.store.inline_payload_limit,
+            config.store.lock_timeout,
+            checkpoints=False,
+        )
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+        remote = RemoteAppender(reader, writer)
+        reading = asyncio.create_task(remote.read())
+        router = Router(store, remote, channels)
+        await router.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        remote.answer(0, ("ready", os.getpid()))
+        log.info("router_process_started", pid=os.getpid(), position=router.position)
+
+        async def reloads() -> None:
+            while True:
+                request_id, new = await remote.channels.get()
+                router.reload(new)
+                remote.answer(request_id, ("ok", [c.name for c in new]))
+
+        reloading = asyncio.create_task(reloads())
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(remote.closed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        await router.stop()
+        await cancel_and_wait(reloading)
+        writer.close()
+        await cancel_and_wait(reading)
+        await asyncio.to_thread(store.close)
+
+    asyncio.run(run())
+
+
+class RouterProcess:
+    """In the main process: starts the router process, commits what it sends, completes
+    the routing decisions, passes new channels on, and restarts the process if it dies."""
+
+    def __init__(
+        self,
+        config: RelaisConfig,
+        ingestor: Ingestor,
+        decisions: RoutingDecisions,
+        channels: Sequence[Channel],
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self.decisions = decisions
+        self.channels = list(channels)
+        self.start_timeout = start_timeout
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")
+        self._dir = Path(tempfile.mkdtemp(prefix="relais-"))  # Unix socket paths: ~100 bytes at most
+        self.path = self._dir / "router.sock"
+        self._server: asyncio.Server | None = None
+        self._proc: Any = None
+        self._link: asyncio.StreamWriter | None = None
+        self._connected: asyncio.Queue[tuple[asyncio.StreamWriter, int]] = asyncio.Queue()
+        self._ids = itertools.count(1)
+        self._answers: dict[int, asyncio.Future[Any]] = {}
+        # Appends received and not yet answered: a new process waits for them (its position).
+        self._appends: set[asyncio.Task[None]] = set()
+        self._signal = ingestor.commit_signal()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        os.chmod(self.path, 0o600)
+        await self._spawn()
+        self._tasks = [
+            asyncio.create_task(self._notify_commits(), name="relais-router-notify"),
+            asyncio.create_task(self._supervise(), name="relais-router-supervise"),
+        ]
+
+    async def _spawn(self) -> None:
+        while not self._connected.empty():
+            self._connected.get_nowait()
+        self._proc = self._ctx.Process(
+            target=_router_main,
+            args=(self.config, str(self.path), self.channels),
+            name="relais-router",
+            daemon=True,
+        )
+        self._proc.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        while True:
+            try:
+                async with asyncio.timeout(0.2):
+                    writer, pid = await self._connected.get()
+            except TimeoutError:
+                if not self._proc.is_alive():
+                    code = self._proc.exitcode
+                    raise RuntimeError(f"the router process exited while starting (code {code})") from None
+                if loop.time() > deadline:
+                    raise RuntimeError("the router process did not start in time") from None
+                continue
+            if pid == self._proc.pid:
+                self._link = writer
+                return
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                kind, request_id, body = await _read_frame(reader)
+                if kind == "append":
+                    task = asyncio.create_task(self._append(writer, request_id, body))
+                    self._appends.add(task)
+                    task.add_done_callback(self._appends.discard)
+                elif kind == "answer" and request_id == 0:
+                    self._connected.put_nowait((writer, body[1]))
+                elif kind == "answer":
+                    fut = self._answers.pop(request_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    async def _append(self, writer: asyncio.StreamWriter, request_id: int, body: Any) -> None:
+        appendix = _unpack_appendix(body)
+        result: tuple[str, Any]
+        try:
+            await self.ingestor.append(appendix)
+        except IngestUnavailable as e:
+            result = ("unavailable", str(e))
+        else:
+            result = ("ok", None)
+            self.decisions.committed(appendix)
+        if not writer.is_closing():
+            writer.write(_frame(("answer", request_id, result)))
+
+    async def _notify_commits(self) -> None:
+        """Tell the router process about every commit (new messages to route)."""
+        while True:
+            await self._signal.wait()
+            self._signal.clear()
+            link = self._link
+            if link is not None and not link.is_closing():
+                link.write(_frame(("committed", 0, None)))
+            await asyncio.sleep(0.001)  # commits close together: one notice
+
+    async def _supervise(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(0.2)
+            if self._proc.is_alive():
+                continue
+            log.error("router_process_died", exitcode=self._proc.exitcode, restarts=self.restarts)
+            self._link = None
+            # What the dead process sent is committed (or refused) before a new one reads
+            # its position: otherwise it would route those messages a second time.
+            if self._appends:
+                await asyncio.wait(set(self._appends))
+            try:
+                await self._spawn()
+            except Exception as e:  # keep trying, loudly: routing must not stop in silence
+                log.error("router_process_not_started", error=type(e).__name__, detail=str(e)[:200])
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+                continue
+            self.restarts += 1
+            delay = 0.5
+            log.warning("router_process_restarted", pid=self._proc.pid, restarts=self.restarts)
+
+    async def reload(self, channels: Sequence[Channel]) -> list[str]:
+        """Route with new channels from now on (and in a restarted process)."""
+        self.channels = list(channels)
+        link = self._link
+        if link is None or link.is_closing():
+            return [c.name for c in channels]  # a process being started takes self.channels
+        request_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._answers[request_id] = fut
+        link.write(_frame(("channels", request_id, self.channels)))
+        try:
+            async with asyncio.timeout(30):
+                status, names = await fut
+        finally:
+            self._answers.pop(request_id, None)
+        if status != "ok":
+            raise RuntimeError(f"the router process refused the channels: {names}")
+        return list(names)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._tasks = []
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.terminate()  # SIGTERM: stop planning, close the store
+            await asyncio.to_thread(self._proc.join, 10)
+            if self._proc.is_alive():
+                self._proc.kill()
+                await asyncio.to_thread(self._proc.join, 5)
+            self._proc = None
+        if self._appends:  # what it sent before it stopped is still committed
+            await asyncio.wait(set(self._appends), timeout=30)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()

@@ -10,6 +10,7 @@ as its own process on loopback with its default durable settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -96,9 +97,15 @@ def relais_files_server(home: Path, port: int) -> tuple[list[str], str, Callable
     return relais_server(home, port, "inline_payload_limit = 0")
 
 
+def relais_ckpt_server(home: Path, port: int, interval: float) -> tuple[list[str], str, Callable[[], int]]:
+    """Relais with another WAL checkpoint interval, for A/B."""
+    return relais_server(home, port, f"checkpoint_interval = {interval}")
+
+
 SERVERS = {
     "relais": relais_server,
     "relais-files": relais_files_server,
+    "relais-ckpt1": functools.partial(relais_ckpt_server, interval=1.0),  # the default before RESULTS §17
     "orthanc": orthanc_server,
     "storescp": storescp_server,
 }

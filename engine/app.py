@@ -162,6 +162,7 @@ class RelaisApp:
                 cfg.store.inline_payload_limit,
                 cfg.store.lock_timeout,
                 writer=True,
+                checkpoint_interval=cfg.store.checkpoint_interval,
             )
         )
         await asyncio.to_thread(ensure_identity_tables, self.store)

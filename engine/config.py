@@ -186,6 +186,9 @@ class StoreSettings(_Strict):
     lock_timeout: float = Field(
         10.0, gt=0, description="seconds a commit waits for a locked SQLite database before failing"
     )
+    checkpoint_interval: float = Field(
+        5.0, gt=0, description="seconds between copies of the SQLite write-ahead log into the database file"
+    )
 
 
 class IngestSettings(_Strict):

@@ -127,7 +127,14 @@ def _encode(event: Event | EncodedEvent, stream_prev: str, log_prev: str) -> byt
 
 
 class EventStore:
-    def __init__(self, recorder: Recorder, blobs: BlobStore, inline_limit: int, checkpoints: bool = True) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        blobs: BlobStore,
+        inline_limit: int,
+        checkpoints: bool = True,
+        checkpoint_interval: float = 1.0,
+    ) -> None:
         self.recorder = recorder
         self.blobs = blobs
         self.inline_limit = inline_limit
@@ -139,6 +146,7 @@ class EventStore:
         self._writer_lock: WriterLock | None = None
         self._closed = threading.Event()
         self._checkpoints = checkpoints
+        self._checkpoint_interval = checkpoint_interval
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint", daemon=True)
         if checkpoints:
             self._checkpointer.start()
@@ -156,6 +164,7 @@ class EventStore:
         *,
         writer: bool = False,
         checkpoints: bool = True,
+        checkpoint_interval: float = 1.0,
     ) -> EventStore:
         """Open a store; `writer=True` for the one process that appends (raises StoreBusy
         when another holds it), readers (the CLI) open it freely. `checkpoints=False`: a
@@ -163,7 +172,9 @@ class EventStore:
         the writer's process."""
         lock = WriterLock.acquire(url) if writer else None
         try:
-            store = cls(open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit, checkpoints)
+            store = cls(
+                open_recorder(url, lock_timeout), BlobStore(blob_dir), inline_limit, checkpoints, checkpoint_interval
+            )
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -171,8 +182,8 @@ class EventStore:
         store._writer_lock = lock
         return store
 
-    def _checkpoint_loop(self, every: float = 1.0) -> None:
-        while not self._closed.wait(every):
+    def _checkpoint_loop(self) -> None:
+        while not self._closed.wait(self._checkpoint_interval):
             try:
                 self.recorder.checkpoint()
             except Exception as e:  # a busy database: try again next time

@@ -154,17 +154,7 @@ class RelaisApp:
         # the busy event loop; the default 5 ms switch interval then adds milliseconds to
         # every commit, and so to every ACK.
         sys.setswitchinterval(0.0005)
-        self.store = await asyncio.to_thread(
-            functools.partial(
-                EventStore.open,
-                cfg.store_url,
-                cfg.resolve(cfg.store.blob_dir),
-                cfg.store.inline_payload_limit,
-                cfg.store.lock_timeout,
-                writer=True,
-                checkpoint_interval=cfg.store.checkpoint_interval,
-            )
-        )
+        self.store = await asyncio.to_thread(functools.partial(cfg.open_store, writer=True))
         await asyncio.to_thread(ensure_identity_tables, self.store)
         removed = await asyncio.to_thread(self.store.blobs.remove_incomplete_writes)
         if removed:

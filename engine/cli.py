@@ -26,12 +26,7 @@ __all__ = ["main"]
 
 
 def _open_store(config: RelaisConfig) -> EventStore:
-    return EventStore.open(
-        config.store_url,
-        config.resolve(config.store.blob_dir),
-        config.store.inline_payload_limit,
-        config.store.lock_timeout,
-    )
+    return config.open_store()
 
 
 def _cmd_run(config: RelaisConfig, _: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.toml_files import describe_validation_error, read_toml
+from event_store import EventStore
 
 __all__ = [
     "ConfigError",
@@ -242,6 +243,19 @@ class RelaisConfig(_Strict):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             return f"sqlite:///{self.resolve(Path(url[len('sqlite:///') :]))}"
         return url
+
+    def open_store(self, *, writer: bool = False, checkpoints: bool = True) -> EventStore:
+        """The event store this config names: the engine opens it as the one writer, the
+        router process as a reader that leaves checkpoints to the engine, the CLI as a reader."""
+        return EventStore.open(
+            self.store_url,
+            self.resolve(self.store.blob_dir),
+            self.store.inline_payload_limit,
+            self.store.lock_timeout,
+            writer=writer,
+            checkpoints=checkpoints,
+            checkpoint_interval=self.store.checkpoint_interval,
+        )
 
 
 def load_config(path: Path) -> RelaisConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import multiprocessing as mp
 import os
@@ -117,19 +118,11 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
     """The body of the router process."""
     from engine.logs import configure_logging
     from engine.router import Router
-    from event_store import EventStore
 
     configure_logging(config.log.level, config.log.format)
 
     async def run() -> None:
-        store = await asyncio.to_thread(
-            EventStore.open,
-            config.store_url,
-            config.resolve(config.store.blob_dir),
-            config.store.inline_payload_limit,
-            config.store.lock_timeout,
-            checkpoints=False,
-        )
+        store = await asyncio.to_thread(functools.partial(config.open_store, checkpoints=False))
         reader, writer = await asyncio.open_unix_connection(socket_path)
         remote = RemoteAppender(reader, writer)
         reading = asyncio.create_task(remote.read())

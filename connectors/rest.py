@@ -174,7 +174,19 @@ def create_app(
     async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
         return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
-    async def record_refusal(submission: Submission) -> str | None:
+    async def record_refusal(
+        request: Request, client: Client, key: str, body: bytes, problem: InvalidSubmission
+    ) -> str | None:
+        """Keep a refused request with the bytes that came; its message ID, None if not stored."""
+        submission = rejected_submission(
+            body,
+            request.headers.get("content-type", ""),
+            problem,
+            listener=listener.name,
+            peer=peer_of(request),
+            client=client.name,
+            idempotency_key=key,
+        )
         try:
             receipt = await ingestor.submit(submission)
         except IngestUnavailable:
@@ -189,16 +201,7 @@ def create_app(
         return str(receipt.message_id)
 
     async def refuse(request: Request, client: Client, key: str, body: bytes, problem: InvalidSubmission) -> Response:
-        rejected = rejected_submission(
-            body,
-            request.headers.get("content-type", ""),
-            problem,
-            listener=listener.name,
-            peer=peer_of(request),
-            client=client.name,
-            idempotency_key=key,
-        )
-        message_id = await record_refusal(rejected)
+        message_id = await record_refusal(request, client, key, body, problem)
         if message_id is None:
             return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
         return problem_response(problem.status, problem.title, problem.errors, message_id=message_id)
@@ -317,16 +320,7 @@ def create_app(
             return await read_body(request, listener.max_body_bytes, listener.body_timeout)
         except BodyError as e:
             problem = InvalidSubmission(e.status, e.reason, [FieldError("body", e.reason)])
-            rejected = rejected_submission(
-                e.partial,
-                request.headers.get("content-type", ""),
-                problem,
-                listener=listener.name,
-                peer=peer_of(request),
-                client=client.name,
-                idempotency_key=key,
-            )
-            await record_refusal(rejected)
+            await record_refusal(request, client, key, e.partial, problem)
             raise ProblemError(e.status, e.reason, [FieldError("body", e.reason)]) from None
 
     @app.post(

@@ -83,7 +83,10 @@ class Scu(threading.Thread):
             try:
                 while not self.stop.is_set() and assoc.is_established:
                     self.ds.SOPInstanceUID = generate_uid()
-                    status = assoc.send_c_store(self.ds)
+                    try:
+                        status = assoc.send_c_store(self.ds)
+                    except RuntimeError:  # the server was killed between the check and the send
+                        break
                     if status and status.Status == 0x0000:
                         self.stored.append(str(self.ds.SOPInstanceUID))
             finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import statistics
 import sys
@@ -37,15 +38,18 @@ def receiver(port: int, pipe: Connection, ctl: Connection, drain: float) -> None
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = b""
-        while data := await reader.read(65536):
-            buf += data
-            while (end := buf.find(b"\x1c")) >= 0:
-                frame, buf = buf[buf.find(SB) + 1 : end], buf[end + 2 :]
-                cid = control_id_of(frame)
-                frames[0] += 1
-                seen.setdefault(cid, time.time())
-                ack = b"MSH|^~\\&|R|R|S|S|20261123||ACK^A01^ACK|1|P|2.5\rMSA|AA|" + cid + b"\r"
-                writer.write(SB + ack + EB)
+        # Relais's connections are still open when the receiver stops: their tasks end
+        # cancelled, quietly.
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            while data := await reader.read(65536):
+                buf += data
+                while (end := buf.find(b"\x1c")) >= 0:
+                    frame, buf = buf[buf.find(SB) + 1 : end], buf[end + 2 :]
+                    cid = control_id_of(frame)
+                    frames[0] += 1
+                    seen.setdefault(cid, time.time())
+                    ack = b"MSH|^~\\&|R|R|S|S|20261123||ACK^A01^ACK|1|P|2.5\rMSA|AA|" + cid + b"\r"
+                    writer.write(SB + ack + EB)
 
     async def main() -> None:
         server = await asyncio.start_server(serve, "127.0.0.1", port)

@@ -138,12 +138,13 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=200, help="large instances per case")
     parser.add_argument("--servers", default="relais,orthanc,storescp")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    parser.add_argument("--cases", default="small:1,small:4,large:1,large:4", help="size:associations, ...")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install dcmtk orthanc)", file=sys.stderr)
             return 2
-    cases = [("small", 1), ("small", 4), ("large", 1), ("large", 4)]
+    cases = [(size, int(assoc)) for size, assoc in (case.split(":") for case in args.cases.split(","))]
     names = args.servers.split(",")
     runs: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="relais-dicom-bench-") as tmp_name:

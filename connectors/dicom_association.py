@@ -155,7 +155,9 @@ class _Dataset:
     head: bytearray = field(default_factory=bytearray)
     failed: str = ""
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, last: bool = False) -> None:
+        """Append a fragment; writeback starts early for all but the last (its fsync, in a
+        worker thread, writes the rest: no block allocation on the event loop for it)."""
         if self.fd < 0:
             return
         try:
@@ -170,7 +172,7 @@ class _Dataset:
         self.size += len(data)
         if len(self.head) < HEAD_LIMIT:
             self.head += data[: HEAD_LIMIT - len(self.head)]
-        if self.size - self.written_back >= WRITEBACK_CHUNK:
+        if not last and self.size - self.written_back >= WRITEBACK_CHUNK:
             start_writeback(self.fd, self.written_back, self.size - self.written_back)
             self.written_back = self.size
 
@@ -367,7 +369,7 @@ class _Association:
                 dataset = self.dataset
                 if dataset is None or dataset.context_id != context_id:
                     raise ProtocolError(_UNEXPECTED_PDU, "dataset fragment without its command")
-                dataset.write(data)
+                dataset.write(data, last)
                 if last:
                     self.dataset = None
                     await self._dataset_complete(dataset)

@@ -34,10 +34,16 @@ class ProblemError(Exception):
     """Raised in a handler: answered as problem+json with `status`, `title` and the fields at fault."""
 
     def __init__(
-        self, status: int, title: str, errors: Iterable[FieldError] = (), headers: dict[str, str] | None = None
+        self,
+        status: int,
+        title: str,
+        errors: Iterable[FieldError] = (),
+        headers: dict[str, str] | None = None,
+        message_id: str | None = None,  # the refused request, when it was recorded
     ) -> None:
         super().__init__(title)
         self.status, self.title, self.errors, self.headers = status, title, list(errors), headers or {}
+        self.message_id = message_id
 
 
 class ProblemField(BaseModel):

@@ -161,7 +161,7 @@ def create_app(
 
     @app.exception_handler(ProblemError)
     async def _on_problem(request: Request, exc: ProblemError) -> Response:
-        return problem_response(exc.status, exc.title, exc.errors, exc.headers)
+        return problem_response(exc.status, exc.title, exc.errors, exc.headers, exc.message_id)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -200,11 +200,15 @@ def create_app(
         )
         return str(receipt.message_id)
 
-    async def refuse(request: Request, client: Client, key: str, body: bytes, problem: InvalidSubmission) -> Response:
+    async def refusal(
+        request: Request, client: Client, key: str, body: bytes, problem: InvalidSubmission
+    ) -> ProblemError:
+        """The answer to a refused request, once it is recorded: its problem with the message ID
+        to quote, or 503 when it could not be recorded (nothing may be refused unrecorded)."""
         message_id = await record_refusal(request, client, key, body, problem)
         if message_id is None:
-            return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
-        return problem_response(problem.status, problem.title, problem.errors, message_id=message_id)
+            return ProblemError(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+        return ProblemError(problem.status, problem.title, problem.errors, message_id=message_id)
 
     submission_schema = TypeAdapter(SubmissionBody).json_schema(ref_template="#/components/schemas/{model}")
     defs = submission_schema.pop("$defs", {})
@@ -268,7 +272,7 @@ def create_app(
             else:
                 parsed, contents = parse_submission(body)
         except InvalidSubmission as problem:
-            return await refuse(request, client, key, body, problem)
+            raise await refusal(request, client, key, body, problem) from None
         if not client.may(parsed.kind):
             raise ProblemError(
                 403,
@@ -320,8 +324,7 @@ def create_app(
             return await read_body(request, listener.max_body_bytes, listener.body_timeout)
         except BodyError as e:
             problem = InvalidSubmission(e.status, e.reason, [FieldError("body", e.reason)])
-            await record_refusal(request, client, key, e.partial, problem)
-            raise ProblemError(e.status, e.reason, [FieldError("body", e.reason)]) from None
+            raise await refusal(request, client, key, e.partial, problem) from None
 
     @app.post(
         "/v1/hl7",

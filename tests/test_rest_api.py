@@ -240,8 +240,12 @@ def test_oversized_body_is_413_and_recorded(relais) -> None:
     running, url = start(relais, max_body_bytes=20_000)
     r = httpx.post(f"{url}/v1/submissions", json=document(CR_PDF * 3), headers=auth("hospital"))
     assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
-    rows = running.store.query("SELECT status, ack_code FROM relais_messages")
-    assert rows == [{"status": "reject", "ack_code": "413"}]
+    rows = running.store.query("SELECT message_id, status, ack_code FROM relais_messages")
+    assert [(row["status"], row["ack_code"]) for row in rows] == [("reject", "413")]
+    # The problem names the record of the refusal, which the sender may look up.
+    assert r.json()["message_id"] == rows[0]["message_id"]
+    seen = httpx.get(f"{url}/v1/messages/{r.json()['message_id']}", headers=auth("hospital"))
+    assert seen.status_code == 200 and seen.json()["status"] == "rejected"
     # Same with a chunked body that declares no length.
     chunks = (CR_PDF for _ in range(3))
     r = httpx.post(

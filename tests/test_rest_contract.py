@@ -75,12 +75,18 @@ def test_tls_listener_can_require_a_client_certificate(relais, tmp_path: Path) -
 
 
 def test_store_that_cannot_commit_answers_503_with_retry_after(relais) -> None:
-    running, url = start(relais)
+    running, url = start(relais, max_body_bytes=20_000)
     assert running.app.ingestor is not None
     running.loop_call(running.app.ingestor.stop())
     r = httpx.post(f"{url}/v1/submissions", json=document(), headers=auth("hospital"))
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert r.headers["content-type"] == "application/problem+json"
+    # Refusals are recorded before they are answered: one that cannot be is a 503 too.
+    invalid = httpx.post(f"{url}/v1/submissions", json={"kind": "nothing"}, headers=auth("hospital"))
+    assert invalid.status_code == 503 and invalid.headers["retry-after"] == "5"
+    oversized = httpx.post(f"{url}/v1/submissions", content=b"x" * 20_001,
+                           headers={**auth("hospital"), "Content-Type": "application/json"})  # fmt: skip
+    assert oversized.status_code == 503 and oversized.headers["retry-after"] == "5"
     hl7 = httpx.post(
         f"{url}/v1/hl7",
         content=b"MSH|^~\\&|A|B|C|D|20261123||ADT^A01|X1|P|2.5\r",

@@ -58,9 +58,11 @@ def make_instances(folder: Path, count: int, large: bool, associations: int) -> 
     return dirs
 
 
-def relais_server(home: Path, port: int, store: str = "") -> tuple[list[str], str, Callable[[], int]]:
+def relais_server(
+    home: Path, port: int, store: str = "", sections: str = ""
+) -> tuple[list[str], str, Callable[[], int]]:
     listener = f'[[listeners.dicom]]\nname = "bench"\nhost = "127.0.0.1"\nport = {port}\nae_title = "RELAIS"\n'
-    (home / "config.toml").write_text(relais_config(listener, store), encoding="utf-8")
+    (home / "config.toml").write_text(relais_config(listener, store, sections), encoding="utf-8")
 
     def count() -> int:
         with sqlite3.connect(home / "data" / "relais.db") as db:
@@ -102,10 +104,17 @@ def relais_ckpt_server(home: Path, port: int, interval: float) -> tuple[list[str
     return relais_server(home, port, f"checkpoint_interval = {interval}")
 
 
+def relais_acceptors_server(home: Path, port: int, count: int) -> tuple[list[str], str, Callable[[], int]]:
+    """Relais with its listeners in `count` acceptor processes ([ingest] acceptors)."""
+    return relais_server(home, port, sections=f"[ingest]\nacceptors = {count}\n")
+
+
 SERVERS = {
     "relais": relais_server,
     "relais-files": relais_files_server,
     "relais-ckpt1": functools.partial(relais_ckpt_server, interval=1.0),  # the default before RESULTS §17
+    "relais-acceptors2": functools.partial(relais_acceptors_server, count=2),
+    "relais-acceptors4": functools.partial(relais_acceptors_server, count=4),
     "orthanc": orthanc_server,
     "storescp": storescp_server,
 }

@@ -59,8 +59,10 @@ class DicomServer:
         network_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
         on_refusal: RefusalHandler | None = None,
+        reuse_port: bool = False,  # several processes listen on the port (acceptors)
     ) -> None:
         self.name = name
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.rules = AssociationRules(
@@ -114,6 +116,7 @@ class DicomServer:
             ssl=self.ssl_context,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context else None,
             limit=self.rules.max_pdu + 64 * 1024,
+            reuse_port=self.reuse_port or None,
         )
         log.info("dicom_listening", listener=self.name, port=self.bound_port, ae_title=self.rules.ae_title)
 

@@ -1,16 +1,18 @@
-"""Acceptor processes: MLLP listeners and HL7 intake in worker processes, one writer.
+"""Acceptor processes: MLLP and DICOM listeners and their intake in worker processes, one writer.
 
 One Python process is bound by one GIL: framing, parsing and ACK building compete with
 the writer. With `[ingest] acceptors = N`, N processes listen on the same ports
 (SO_REUSEPORT), parse and answer, and hand each submission to the main process over a
 Unix socket; the main process commits it (group commit, as always) and only then sends
 the receipt back. Nothing is acknowledged before it is durable, whichever process ACKs.
+A DICOM instance's blob is placed and synced by the acceptor before its submission leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import multiprocessing as mp
 import os
@@ -25,8 +27,9 @@ from typing import Any
 
 import structlog
 
-from engine.config import RelaisConfig
+from engine.config import DicomListener, MllpListener, RelaisConfig
 from engine.ingest import Ingestor, IngestUnavailable, Receipt, Submission, Verdict
+from event_store import PayloadRef
 
 __all__ = ["AcceptorPool", "IngestGateway", "RemoteIngestor"]
 
@@ -48,10 +51,14 @@ def _frame(obj: Any) -> bytes:
 # Plain tuples on the wire: pickling slotted dataclasses goes through a slow Python path.
 def _pack_submission(sub: Submission) -> tuple[Any, ...]:
     v = sub.verdict
+    ref = sub.stored_payload
     return (
         sub.listener, sub.protocol, sub.peer, sub.payload, sub.content_type, sub.sender, sub.control_id,
         sub.message_type, sub.trigger_event, sub.metadata,
         (v.status, v.ack_code, v.error_code, v.reason, v.location),
+        # A DICOM instance's events and its blob, placed and synced by the acceptor.
+        sub.events or None,
+        (ref.sha256, ref.size, ref.content_type, ref.inline) if ref is not None else None,
     )  # fmt: skip
 
 
@@ -59,6 +66,7 @@ def _unpack_submission(t: tuple[Any, ...]) -> Submission:
     return Submission(
         listener=t[0], protocol=t[1], peer=t[2], payload=t[3], content_type=t[4], sender=t[5],
         control_id=t[6], message_type=t[7], trigger_event=t[8], metadata=t[9], verdict=Verdict(*t[10]),
+        events=t[11] or [], stored_payload=PayloadRef(*t[12]) if t[12] is not None else None,
     )  # fmt: skip
 
 
@@ -173,6 +181,14 @@ class RemoteIngestor:
         return value
 
     async def submit(self, submission: Submission) -> Receipt:
+        if submission.blob_synced is not None:
+            # The writer's commit cannot wait for a sync in this process: the submission
+            # leaves only once its blob is durable.
+            try:
+                await asyncio.wrap_future(submission.blob_synced)
+            except OSError as e:
+                raise IngestUnavailable(f"blob not stored: {type(e).__name__}") from e
+            submission.blob_synced = None
         return _unpack_receipt(await self._call("submit", _pack_submission(submission)))
 
     async def decision(self, message_id: uuid.UUID) -> Any:
@@ -181,15 +197,22 @@ class RemoteIngestor:
 
 def _acceptor_main(config: RelaisConfig, socket_path: str, number: int, routing: bool) -> None:
     """The body of one acceptor process."""
-    from engine.app import listener_servers
+    from engine.app import listener_servers, server_ssl_context
+    from engine.dicom_intake import dicom_servers
     from engine.logs import configure_logging
+    from event_store.blobs import BlobStore
 
     configure_logging(config.log.level, config.log.format)
 
     async def run() -> None:
         remote = RemoteIngestor(Path(socket_path))
         await remote.connect()
-        servers = listener_servers(config, remote, remote.decision if routing else None, reuse_port=True)
+        servers: list[Any] = listener_servers(config, remote, remote.decision if routing else None, reuse_port=True)
+        if config.listeners.dicom:
+            blobs = BlobStore(config.resolve(config.store.blob_dir))
+            ssl_of = functools.partial(server_ssl_context, config=config)
+            inline_limit = config.store.inline_payload_limit
+            servers += dicom_servers(config.listeners.dicom, remote, blobs, ssl_of, inline_limit, reuse_port=True)
         for server in servers:
             await server.start()
         stop = asyncio.Event()
@@ -222,18 +245,18 @@ class AcceptorPool:
 
     def _resolve_ports(self) -> RelaisConfig:
         """Listeners on port 0 get a real port first, shared by every acceptor."""
-        listeners = []
-        for listener in self.config.listeners.mllp:
-            if listener.port == 0:
-                sock = socket.socket(socket.AF_INET6 if ":" in listener.host else socket.AF_INET)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((listener.host, 0))
-                self._placeholders.append(sock)  # bound, never listening: takes no connection
-                listener = listener.model_copy(update={"port": sock.getsockname()[1]})
-            listeners.append(listener)
-        return self.config.model_copy(
-            update={"listeners": self.config.listeners.model_copy(update={"mllp": listeners})}
-        )
+        resolved: dict[str, list[Any]] = {}
+        for kind in ("mllp", "dicom"):
+            resolved[kind] = []
+            for listener in getattr(self.config.listeners, kind):
+                if listener.port == 0:
+                    sock = socket.socket(socket.AF_INET6 if ":" in listener.host else socket.AF_INET)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    sock.bind((listener.host, 0))
+                    self._placeholders.append(sock)  # bound, never listening: takes no connection
+                    listener = listener.model_copy(update={"port": sock.getsockname()[1]})
+                resolved[kind].append(listener)
+        return self.config.model_copy(update={"listeners": self.config.listeners.model_copy(update=resolved)})
 
     def _spawn(self, number: int) -> Any:
         proc = self._ctx.Process(
@@ -256,7 +279,8 @@ class AcceptorPool:
 
     async def _wait_listening(self, timeout: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
-        for listener in self.config.listeners.mllp:
+        listeners: list[MllpListener | DicomListener] = [*self.config.listeners.mllp, *self.config.listeners.dicom]
+        for listener in listeners:
             while True:
                 try:
                     _, writer = await asyncio.open_connection(listener.host, listener.port)

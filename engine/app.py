@@ -23,7 +23,7 @@ import structlog
 from connectors.mllp import MllpServer
 from connectors.rest import RestServer
 from engine.acceptors import AcceptorPool, IngestGateway
-from engine.config import RelaisConfig, TlsSettings
+from engine.config import DicomListener, MllpListener, RelaisConfig, TlsSettings
 from engine.delivery import DeliveryWorkers, Target
 from engine.hl7_intake import Hl7Intake
 from engine.identity_feed import IdentityDestination, ensure_identity_tables
@@ -184,7 +184,8 @@ class RelaisApp:
             await self.delivery.start()
         decisions = self.decisions.decision if self.decisions else None
         if cfg.ingest.acceptors:
-            # Listeners live in acceptor processes; this one keeps the store and the writer.
+            # MLLP and DICOM listeners live in acceptor processes; this one keeps the store
+            # and the writer.
             # A short private folder: Unix socket paths are limited to ~100 bytes.
             sock_dir = Path(tempfile.mkdtemp(prefix="relais-"))
             self.gateway = IngestGateway(sock_dir / "ingest.sock", self.ingestor, decisions)
@@ -212,7 +213,7 @@ class RelaisApp:
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
     async def _start_dicom(self) -> None:
-        """DICOM listeners (in this process, whatever `acceptors` says) and study assembly."""
+        """DICOM listeners (here, or in the acceptor processes) and study assembly."""
         from engine.dicom_intake import dicom_servers
         from engine.study_assembly import StudyAssembler
 
@@ -224,6 +225,8 @@ class RelaisApp:
 
             self.study_router = StudyRouter(self.store, self.ingestor, self.channels)
             await self.study_router.start()
+        if self.acceptors is not None:
+            return  # the listeners live in the acceptor processes
         ctx = functools.partial(server_ssl_context, config=self.config)
         for server in dicom_servers(
             self.config.listeners.dicom, self.ingestor, self.store.blobs, ctx, self.store.inline_limit
@@ -241,7 +244,11 @@ class RelaisApp:
             return int(self.dicom[name].bound_port)
         if name in self.smtp:
             return int(self.smtp[name].bound_port)
-        return next(listener.port for listener in self.listening.listeners.mllp if listener.name == name)
+        listeners: list[MllpListener | DicomListener] = [
+            *self.listening.listeners.mllp,
+            *self.listening.listeners.dicom,
+        ]
+        return next(listener.port for listener in listeners if listener.name == name)
 
     async def stop(self) -> None:
         if self.acceptors is not None:

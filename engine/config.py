@@ -199,7 +199,10 @@ class IngestSettings(_Strict):
     max_batch: int = Field(256, gt=0)
     max_pending: int = Field(10000, gt=0, description="submissions queued before callers wait")
     acceptors: int = Field(
-        0, ge=0, le=64, description="processes that run the MLLP listeners and HL7 intake; 0: in this process"
+        0,
+        ge=0,
+        le=64,
+        description="processes that run the MLLP and DICOM listeners and their intake; 0: in this process",
     )
 
 

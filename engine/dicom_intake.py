@@ -222,6 +222,7 @@ def dicom_servers(
     blobs: BlobStore,
     ssl_context_of: Any,
     inline_limit: int = 0,
+    reuse_port: bool = False,
 ) -> list[DicomServer]:
     """The DICOM listeners of the config, each with its intake (not started)."""
     servers = []
@@ -241,5 +242,6 @@ def dicom_servers(
             max_associations=listener.max_associations,
             network_timeout=listener.network_timeout,
             ssl_context=ssl_context_of(listener.tls) if listener.tls else None,
+            reuse_port=reuse_port,
         ))  # fmt: skip
     return servers

@@ -3,6 +3,7 @@ guarantees as in one process (ACK after commit, resends recognised, application 
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -11,9 +12,11 @@ import uuid
 from pathlib import Path
 
 from hl7.client import MLLPClient
+from pydicom import dcmread
 
 from engine.er7 import Er7Message
-from tests.conftest import adt
+from tests.conftest import adt, wait_for
+from tests.dicom_files import dcmtk, dicom_listeners, sample
 
 
 def ack_of(port: int, message: str) -> Er7Message:
@@ -69,3 +72,41 @@ def test_application_ack_comes_from_the_acceptor_after_routing(relais, tmp_path:
             buf += sock.recv(65536)
     acks = [Er7Message.parse(f.strip(b"\x0b\r").decode()) for f in buf.split(b"\x1c") if f.strip(b"\x0b\r")]
     assert [a.get("MSA-1") for a in acks] == ["CA", "AA"]
+
+
+def test_dicom_listeners_run_in_the_acceptors(relais, tmp_path: Path) -> None:
+    """Each acceptor receives, places and syncs its blobs; the writer only commits. A small
+    instance goes into the database, a large one into the blob folder, and a refused
+    association is recorded, as in one process."""
+    running = relais(listeners=dicom_listeners(), ingest={"acceptors": 2})
+    assert running.app.dicom == {}  # nothing listens in the writer process
+    port = running.app.port_of("dicom")
+    small = sample("CT_small.dcm", tmp_path / "in")
+    ds = dcmread(sample("CT_small.dcm", tmp_path / "big"))
+    ds.add_new(0x00091010, "LO", "RELAIS TEST")  # private creator
+    ds.add_new(0x00091011, "OB", b"\x01" * 300_000)  # over the 256 KB kept in the database
+    large = tmp_path / "in" / "large.dcm"
+    ds.save_as(large, enforce_file_format=True)
+    for _ in range(3):  # new associations spread over both acceptors
+        done = dcmtk("storescu", "-aet", "MODALITY", "-aec", "RELAIS", "127.0.0.1", port, small, large)
+        assert done.returncode == 0, done.stderr
+    rows = running.store.query(
+        "SELECT message_id, status, payload_sha256, payload_inline FROM relais_messages WHERE status = 'accepted'"
+    )
+    assert len(rows) == 2  # the second and third sends were resends
+    assert sorted(bool(r["payload_inline"]) for r in rows) == [False, True]
+    for row in rows:
+        events = running.store.events_of(uuid.UUID(row["message_id"]))
+        topics = [e.topic for e in events]
+        assert topics == ["relais.MessageReceived", "relais.InstanceReceived", *["relais.DuplicateReceived"] * 2]
+        stored = running.store.payload(row["payload_sha256"])
+        original = large if len(stored) > 256 * 1024 else small
+        assert dcmread(io.BytesIO(stored)).PixelData == dcmread(original).PixelData
+    assert dcmtk("echoscu", "-aec", "WRONG", "127.0.0.1", port).returncode != 0
+    assert wait_for(
+        lambda: (
+            running.store.query("SELECT ack_code FROM relais_messages WHERE status = 'reject'")
+            == [{"ack_code": "A-ASSOCIATE-RJ"}]
+        ),
+        "the refused association recorded",
+    )

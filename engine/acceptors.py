@@ -208,6 +208,7 @@ def _acceptor_main(config: RelaisConfig, socket_path: str, number: int, routing:
         remote = RemoteIngestor(Path(socket_path))
         await remote.connect()
         servers: list[Any] = listener_servers(config, remote, remote.decision if routing else None, reuse_port=True)
+        blobs = None
         if config.listeners.dicom:
             blobs = BlobStore(config.resolve(config.store.blob_dir))
             ssl_of = functools.partial(server_ssl_context, config=config)
@@ -226,6 +227,8 @@ def _acceptor_main(config: RelaisConfig, socket_path: str, number: int, routing:
             w.cancel()
         for server in servers:
             await server.stop()
+        if blobs is not None:
+            blobs.close()  # waits for the syncs under way
 
     asyncio.run(run())
 

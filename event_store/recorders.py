@@ -114,6 +114,11 @@ class _DurableSQLitePool(SQLiteConnectionPool):
     def _create_connection(self) -> SQLiteConnection:
         conn = super()._create_connection()
         conn._sqlite_conn.execute("PRAGMA synchronous=FULL")
+        # A multi-row INSERT inside a large transaction keeps a statement journal (to undo
+        # that statement alone on a constraint error); past 64 KB SQLite spills it to a
+        # temporary file in /var/tmp, created, written and deleted at every commit. In
+        # memory, a commit of ~30 items went from 14 to 10 ms (bench/RESULTS.md §19).
+        conn._sqlite_conn.execute("PRAGMA temp_store=MEMORY")
         conn._sqlite_conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         # Checkpoints (which fsync the database file) run on their own thread, not inside
         # the commit that happens to cross the threshold: see EventStore._checkpoint_loop.

@@ -360,11 +360,13 @@ def create_app(
         try:
             raw = await read_body(request, listener.max_body_bytes, listener.body_timeout)
         except BodyError as e:
-            if e.status == 413:
-                await intake.oversized(e.partial, peer)
-            else:
-                await intake.truncated(e.partial, peer, e.reason)
-            raise ProblemError(e.status, e.reason, [FieldError("body", e.reason)]) from None
+            # Recorded first, as every refusal is; the problem quotes the record's ID.
+            receipt = await intake.truncated(e.partial, peer, e.reason)
+            if receipt is None:
+                return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
+            raise ProblemError(
+                e.status, e.reason, [FieldError("body", e.reason)], message_id=str(receipt.message_id)
+            ) from None
         answer = await intake.handle(raw, peer)
         if submitter.unavailable:
             if isinstance(answer, FrameAnswer):

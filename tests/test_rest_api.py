@@ -254,6 +254,20 @@ def test_oversized_body_is_413_and_recorded(relais) -> None:
     assert r.status_code == 413
 
 
+def test_an_oversized_hl7_body_is_413_quoting_its_record(relais) -> None:
+    running, url = start(relais, max_body_bytes=2_000)
+    message = adt(control_id="BIG-1") + "NTE|1||" + "x" * 5_000 + "\r"
+    headers = {**auth("hospital"), "Content-Type": "application/hl7-v2"}
+    r = httpx.post(f"{url}/v1/hl7", content=message.encode(), headers=headers)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    rows = running.store.query("SELECT message_id, status, protocol, reason FROM relais_messages")
+    assert [(row["status"], row["protocol"]) for row in rows] == [("reject", "http-hl7")]
+    assert "larger than 2000 bytes" in rows[0]["reason"]
+    assert r.json()["message_id"] == rows[0]["message_id"]
+    seen = httpx.get(f"{url}/v1/messages/{rows[0]['message_id']}", headers=auth("hospital"))
+    assert seen.status_code == 200 and seen.json()["status"] == "rejected"
+
+
 def test_a_body_that_stops_arriving_gets_408(relais) -> None:
     """A slow (or stalled) sender cannot hold a request open forever."""
     _, url = start(relais, body_timeout=0.5)

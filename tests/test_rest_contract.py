@@ -93,3 +93,6 @@ def test_store_that_cannot_commit_answers_503_with_retry_after(relais) -> None:
         headers={**auth("hospital"), "Content-Type": "application/hl7-v2"},
     )
     assert hl7.status_code == 503 and hl7.headers["retry-after"] == "5"
+    big_hl7 = httpx.post(f"{url}/v1/hl7", content=b"MSH|^~\\&|" + b"x" * 20_001,
+                         headers={**auth("hospital"), "Content-Type": "application/hl7-v2"})  # fmt: skip
+    assert big_hl7.status_code == 503 and big_hl7.headers["retry-after"] == "5"

@@ -361,7 +361,7 @@ def create_app(
             raw = await read_body(request, listener.max_body_bytes, listener.body_timeout)
         except BodyError as e:
             # Recorded first, as every refusal is; the problem quotes the record's ID.
-            receipt = await intake.truncated(e.partial, peer, e.reason)
+            receipt = await intake.refused_body(e.partial, peer, e.reason)
             if receipt is None:
                 return problem_response(503, "not stored; resend later", headers={"Retry-After": RETRY_AFTER})
             raise ProblemError(

@@ -255,9 +255,13 @@ class Hl7Intake:
         control = f"A{receipt.message_id.hex[:19].upper()}"
         return self._encode(msg, verdict, control, receipt.received_at, codec)
 
-    async def truncated(self, partial: bytes, peer: str, reason: str) -> Receipt | None:
-        """Keep the bytes of a frame the sender never finished (or a body refused for its
-        size or time), as a rejected message; its receipt, None if it could not be stored."""
+    async def truncated(self, partial: bytes, peer: str, reason: str) -> None:
+        """Keep the bytes of a frame the sender never finished, as a rejected message."""
+        await self._record_unreadable(partial, peer, reason)
+
+    async def refused_body(self, partial: bytes, peer: str, reason: str) -> Receipt | None:
+        """Keep what came of a body refused for its size or time (HTTP), as a rejected
+        message; its receipt, None if it could not be stored."""
         return await self._record_unreadable(partial, peer, reason)
 
     async def oversized(self, prefix: bytes, peer: str) -> bytes | None:

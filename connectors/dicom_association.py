@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,23 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
+from connectors.dimse import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    INVALID_PARAMETER,
+    P_DATA,
+    PDU_HEADER,
+    PDV_HEADER,
+    US,
+    ProtocolError,
+    decode_command,
+    encode_command,
+    file_meta,
+    p_data_pdus,
+    ui,
+    ui_value,
+    us,
+)
 from connectors.spool import WRITEBACK_CHUNK, SpoolFiles, start_writeback
 
 __all__ = [
@@ -44,9 +60,6 @@ __all__ = [
 
 log = structlog.get_logger("relais.dicom")
 
-# A UID under 2.25 (derived from a UUID, PS3.5 B.2): needs no registered root.
-IMPLEMENTATION_CLASS_UID = "2.25.1111287494164306013473657809847084910"
-IMPLEMENTATION_VERSION = "RELAIS_1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -54,20 +67,16 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 UNRECOGNIZED_OPERATION = 0x0211
 
-_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = range(1, 8)
+_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _RELEASE_RQ, _RELEASE_RP, _ABORT = 1, 2, 3, 5, 6, 7
 _C_STORE_RQ, _C_ECHO_RQ = 0x0001, 0x0030
 _NO_DATASET = 0x0101
 # A-ABORT reasons (PS3.8 9.3.8) when the service provider aborts.
-_UNEXPECTED_PDU, _UNRECOGNIZED_PDU, _INVALID_PARAMETER = 0x02, 0x01, 0x06
+_UNEXPECTED_PDU, _UNRECOGNIZED_PDU = 0x02, 0x01
 _MAX_ASSOCIATE_RQ = 256 * 1024  # ~128 proposed contexts take ~15 KB
 HEAD_LIMIT = 256 * 1024
 EVIDENCE_LIMIT = 64 * 1024  # bytes of the offending PDU kept with a refusal
 
 
-_PDU_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-_ELEMENT = struct.Struct("<HHI")
-_US = struct.Struct("<H")
 _RELEASE_RP_PDU = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 
@@ -128,14 +137,6 @@ class AssociationRules:
     max_pdu: int = 1024 * 1024
     network_timeout: float = 60.0
     on_refusal: RefusalHandler | None = None  # records what was refused, before the answer
-
-
-class ProtocolError(Exception):
-    """The peer broke PS3.8: the association is aborted with `reason`."""
-
-    def __init__(self, reason: int, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -232,9 +233,9 @@ class _Association:
         async with asyncio.timeout(self.rules.network_timeout):
             header = await self.reader.readexactly(6)
             self.last_pdu = header
-            kind, length = _PDU_HEADER.unpack(header)
+            kind, length = PDU_HEADER.unpack(header)
             if length > limit:
-                raise ProtocolError(_INVALID_PARAMETER, f"PDU of {length} bytes over the limit of {limit}")
+                raise ProtocolError(INVALID_PARAMETER, f"PDU of {length} bytes over the limit of {limit}")
             body = await self.reader.readexactly(length)
             self.last_pdu = header + body[:EVIDENCE_LIMIT]
             return kind, body
@@ -265,12 +266,12 @@ class _Association:
         kind, body = await self._read_pdu(_MAX_ASSOCIATE_RQ)
         if kind != _ASSOCIATE_RQ:
             raise ProtocolError(_UNEXPECTED_PDU, f"PDU type {kind} before A-ASSOCIATE-RQ")
-        if not await self._associate(_PDU_HEADER.pack(kind, len(body)) + body, may_open):
+        if not await self._associate(PDU_HEADER.pack(kind, len(body)) + body, may_open):
             return
         limit = self.rules.max_pdu
         while True:
             kind, pdu = await self._read_pdu(limit)
-            if kind == _P_DATA:
+            if kind == P_DATA:
                 await self._p_data(memoryview(pdu))
             elif kind == _RELEASE_RQ:
                 self.writer.write(_RELEASE_RP_PDU)
@@ -289,7 +290,7 @@ class _Association:
             rq.decode(pdu)
             request = rq.to_primitive()
         except Exception as e:  # pynetdicom raises whatever its decoders meet
-            raise ProtocolError(_INVALID_PARAMETER, f"unreadable A-ASSOCIATE-RQ ({type(e).__name__})") from e
+            raise ProtocolError(INVALID_PARAMETER, f"unreadable A-ASSOCIATE-RQ ({type(e).__name__})") from e
         self.calling_ae = str(request.calling_ae_title or "").strip()
         self.called_ae = called_ae = str(request.called_ae_title or "").strip()
         user_items = list(request.user_information or [])
@@ -350,12 +351,12 @@ class _Association:
         offset, end = 0, len(body)
         while offset < end:
             if end - offset < 6:
-                raise ProtocolError(_INVALID_PARAMETER, "truncated presentation data value item")
-            length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+                raise ProtocolError(INVALID_PARAMETER, "truncated presentation data value item")
+            length, context_id, control = PDV_HEADER.unpack_from(body, offset)
             if length < 2 or offset + 4 + length > end:
-                raise ProtocolError(_INVALID_PARAMETER, "presentation data value item of a wrong length")
+                raise ProtocolError(INVALID_PARAMETER, "presentation data value item of a wrong length")
             if context_id not in self.contexts:
-                raise ProtocolError(_INVALID_PARAMETER, f"presentation context {context_id} was not accepted")
+                raise ProtocolError(INVALID_PARAMETER, f"presentation context {context_id} was not accepted")
             data = body[offset + 6 : offset + 4 + length]
             offset += 4 + length
             last = bool(control & 0x02)
@@ -375,23 +376,23 @@ class _Association:
                     await self._dataset_complete(dataset)
 
     async def _command_complete(self, context_id: int) -> None:
-        command = _decode_command(bytes(self.command))
+        command = decode_command(bytes(self.command))
         self.command.clear()
-        operation = _us(command, 0x0100)
-        message_id = _us(command, 0x0110)
-        sop_class = _ui(command, 0x0002)
-        has_dataset = _us(command, 0x0800, _NO_DATASET) != _NO_DATASET
+        operation = us(command, 0x0100)
+        message_id = us(command, 0x0110)
+        sop_class = ui(command, 0x0002)
+        has_dataset = us(command, 0x0800, _NO_DATASET) != _NO_DATASET
         if operation == _C_ECHO_RQ and not has_dataset:
             await self._respond(context_id, operation, message_id, sop_class or VERIFICATION, "", SUCCESS)
             return
-        dataset = _Dataset(context_id, operation, message_id, sop_class, _ui(command, 0x1000))
+        dataset = _Dataset(context_id, operation, message_id, sop_class, ui(command, 0x1000))
         if operation == _C_STORE_RQ and has_dataset:
             try:
                 dataset.path, dataset.fd = await self.rules.spool.take()
             except OSError as e:  # read the dataset all the same, answer out of resources
                 dataset.failed = type(e).__name__
             transfer_syntax = str(self.contexts[context_id].transfer_syntax[0])
-            dataset.write(_file_meta(sop_class, dataset.sop_instance_uid, transfer_syntax, self.calling_ae))
+            dataset.write(file_meta(sop_class, dataset.sop_instance_uid, transfer_syntax, self.calling_ae))
         if has_dataset:
             self.dataset = dataset  # another operation's dataset is read and dropped
         else:
@@ -432,16 +433,16 @@ class _Association:
     async def _respond(
         self, context_id: int, operation: int, message_id: int, sop_class: str, sop_instance: str, status: int
     ) -> None:
-        elements = [(0x0002, _ui_value(sop_class))] if sop_class else []
+        elements = [(0x0002, ui_value(sop_class))] if sop_class else []
         elements += [
-            (0x0100, _US.pack(operation | 0x8000)),
-            (0x0120, _US.pack(message_id)),
-            (0x0800, _US.pack(_NO_DATASET)),
-            (0x0900, _US.pack(status)),
+            (0x0100, US.pack(operation | 0x8000)),
+            (0x0120, US.pack(message_id)),
+            (0x0800, US.pack(_NO_DATASET)),
+            (0x0900, US.pack(status)),
         ]
         if sop_instance:
-            elements.append((0x1000, _ui_value(sop_instance)))
-        self.writer.write(_p_data_pdus(context_id, _encode_command(elements), self.peer_max_pdu))
+            elements.append((0x1000, ui_value(sop_instance)))
+        self.writer.write(p_data_pdus(context_id, encode_command(elements), self.peer_max_pdu))
         await self.writer.drain()
 
     def drop_partial(self) -> None:
@@ -449,76 +450,3 @@ class _Association:
         if self.dataset is not None:
             self.dataset.discard()
             self.dataset = None
-
-
-def _decode_command(data: bytes) -> dict[int, bytes]:
-    """A command set (group 0000, implicit VR little endian) as {element: value}."""
-    elements: dict[int, bytes] = {}
-    offset = 0
-    while offset < len(data):
-        if len(data) - offset < 8:
-            raise ProtocolError(_INVALID_PARAMETER, "truncated command set")
-        group, element, length = _ELEMENT.unpack_from(data, offset)
-        offset += 8
-        if group != 0 or offset + length > len(data):
-            raise ProtocolError(_INVALID_PARAMETER, "command set element out of group 0000 or too long")
-        elements[element] = data[offset : offset + length]
-        offset += length
-    return elements
-
-
-def _us(command: dict[int, bytes], element: int, default: int = 0) -> int:
-    value = command.get(element)
-    if value is None:
-        return default
-    if len(value) != 2:
-        raise ProtocolError(_INVALID_PARAMETER, f"command element (0000,{element:04X}) is not a US")
-    return int(_US.unpack(value)[0])
-
-
-def _ui(command: dict[int, bytes], element: int) -> str:
-    return command.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _ui_value(uid: str) -> bytes:
-    value = uid.encode("ascii")
-    return value + b"\x00" if len(value) % 2 else value
-
-
-def _encode_command(elements: list[tuple[int, bytes]]) -> bytes:
-    body = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements)
-    return _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
-
-
-def _p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
-    """The command in P-DATA-TF PDUs no longer than the peer accepts (0: no limit)."""
-    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
-    room = max(room, 1)
-    pdus = []
-    for start in range(0, len(command), room):
-        fragment = command[start : start + room]
-        control = 0x03 if start + room >= len(command) else 0x01
-        pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
-        pdus.append(_PDU_HEADER.pack(_P_DATA, len(pdv)) + pdv)
-    return b"".join(pdus)
-
-
-def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str) -> bytes:
-    """128-byte preamble, DICM and the file meta group (explicit VR little endian, PS3.10 7.1)."""
-
-    def element(tag: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return struct.pack("<HH2s2xI", 0x0002, tag, vr, len(value)) + value
-        return struct.pack("<HH2sH", 0x0002, tag, vr, len(value)) + value
-
-    ae = calling_ae.encode("ascii", "replace")
-    body = b"".join([
-        element(0x0001, b"OB", b"\x00\x01"),
-        element(0x0002, b"UI", _ui_value(sop_class)),
-        element(0x0003, b"UI", _ui_value(sop_instance)),
-        element(0x0010, b"UI", _ui_value(transfer_syntax)),
-        element(0x0012, b"UI", _ui_value(IMPLEMENTATION_CLASS_UID)),
-        element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii")),
-        *([element(0x0016, b"AE", ae + b" " * (len(ae) % 2))] if ae else []),
-    ])  # fmt: skip
-    return b"\x00" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body

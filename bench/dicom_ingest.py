@@ -191,12 +191,13 @@ def main() -> int:
                 os.sync()
                 shutil.rmtree(home / "data")
     results = {key: statistics.median(rates) for key, rates in runs.items()}
-    print(f"\n{'case':<18}" + "".join(f"{n:>11}" for n in names) + "  relais/orthanc")
+    width = max(11, *(len(n) + 2 for n in names))
+    print(f"\n{'case':<26}" + "".join(f"{n:>{width}}" for n in names) + "  relais/orthanc")
     for size, assoc in cases:
         row = [results.get((n, size, assoc), float("nan")) for n in names]
         ratio = results.get(("relais", size, assoc), float("nan")) / results.get(("orthanc", size, assoc), float("nan"))
         label = f"{size} ({'~39 KB' if size == 'small' else '~0.5 MB'}), {assoc} assoc"
-        print(f"{label:<18}" + "".join(f"{r:>11.0f}" for r in row) + f"  {ratio:>13.2f}x")
+        print(f"{label:<26}" + "".join(f"{r:>{width}.0f}" for r in row) + f"  {ratio:>13.2f}x")
     note = f"instances/s, median of {args.rounds} interleaved rounds"
     print(f"({note}; storescu with TCP_NODELAY=1, one process per association)")
     return 0

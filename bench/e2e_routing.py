@@ -2,6 +2,9 @@
 receiver that ACKs. Prints ingest msg/s, delivered msg/s and the lag from ACK to delivery.
 
     .venv/bin/python bench/e2e_routing.py [--connections 8] [--duration 10] [--out-connections 1]
+
+With `--partner-down`, the receiver does not listen while the load runs: the outbox fills
+(a partner down), then the receiver comes up and `drain/s` is how fast the backlog goes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def control_id_of(frame: bytes) -> bytes:
     return frame.split(b"\r", 1)[0].split(b"|")[9]
 
 
-def receiver(port: int, pipe: Connection, ctl: Connection, drain: float) -> None:
+def receiver(port: int, pipe: Connection, ctl: Connection, drain: float, down: bool) -> None:
     """A partner that ACKs at once and notes when each control ID arrived. It stops once
     every control ID the load was ACKed for has come (then 0.5 s more, to see duplicates),
     or `drain` seconds after the load ended."""
@@ -52,6 +55,10 @@ def receiver(port: int, pipe: Connection, ctl: Connection, drain: float) -> None
                     writer.write(SB + ack + EB)
 
     async def main() -> None:
+        if down:  # a partner down: nothing listens until told to come up
+            while not ctl.poll():
+                await asyncio.sleep(0.05)
+            ctl.recv()
         server = await asyncio.start_server(serve, "127.0.0.1", port)
         async with server:
             while not ctl.poll():
@@ -126,6 +133,7 @@ def main() -> int:
     ap.add_argument("--out-connections", type=int, default=1, help="the MLLP destination's parallel connections")
     ap.add_argument("--acceptors", type=int, default=0, help="[ingest] acceptors (processes parsing HL7)")
     ap.add_argument("--router-process", choices=["on", "off"], help="[routing] process (default: the engine's)")
+    ap.add_argument("--partner-down", action="store_true", help="the receiver comes up once the load has ended")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
         tmp = Path(d)
@@ -134,7 +142,10 @@ def main() -> int:
         (tmp / "routes" / "partner.toml").write_text(
             '[filter]\nmessage_type = "ADT"\n[[transform]]\nset = "MSH-5"\nvalue = "PARTNER"\n'
             '[[destination]]\nname = "partner"\ntype = "mllp"\nordering_key = "sender+patient"\n'
-            f'[destination.settings]\nhost = "127.0.0.1"\nport = {partner_port}\n'
+            # A partner back up is tried again within a second (the default backoff grows to
+            # minutes): the drain then measures the engine, not the backoff.
+            + ("backoff_initial = 0.5\nbackoff_max = 1.0\nmax_attempts = 1000\n" if args.partner_down else "")
+            + f'[destination.settings]\nhost = "127.0.0.1"\nport = {partner_port}\n'
             f"connections = {args.out_connections}\n"
         )
         (tmp / "config.toml").write_text(
@@ -150,7 +161,8 @@ def main() -> int:
         ctx = mp.get_context("spawn")
         recv_pipe, recv_child = ctx.Pipe(duplex=False)
         ctl_child, ctl = ctx.Pipe(duplex=False)
-        rproc = ctx.Process(target=receiver, args=(partner_port, recv_child, ctl_child, args.drain), daemon=True)
+        rproc = ctx.Process(target=receiver, args=(partner_port, recv_child, ctl_child, args.drain, args.partner_down),
+                            daemon=True)  # fmt: skip
         rproc.start()
         cmd = [str(ROOT / ".venv" / "bin" / "relais"), "--config", str(tmp / "config.toml"), "run"]
         with running(cmd, relais_port, tmp / "server.log") as server:
@@ -164,6 +176,9 @@ def main() -> int:
                 raise SystemExit("the load generator gave no result (a connection failed?)")
             acked: dict[bytes, float] = load_pipe.recv()
             lproc.join()
+            up = time.time()
+            if args.partner_down:
+                ctl.send("up")
             ctl.send(set(acked))
             delivered, frames = recv_pipe.recv()
             ticks = process_ticks(server.pid) - ticks0
@@ -171,6 +186,13 @@ def main() -> int:
     lags = [(delivered[c] - t) * 1000 for c, t in acked.items() if c in delivered]
     last = max(delivered.values(), default=start)
     cpu_ms = 1000 * ticks / CLK_TCK / max(1, len(lags))
+    if args.partner_down:
+        drained = sum(1 for c in acked if c in delivered)
+        print(f"# partner down during the load: {len(acked)} messages waiting when it came up")
+        print(f"{'backlog':>8} {'drained':>8} {'drain s':>8} {'drain/s':>8} {'lost':>5} {'twice':>5}")
+        print(f"{len(acked):>8} {drained:>8} {last - up:>8.1f} {drained / max(1e-9, last - up):>8.0f} "
+              f"{len(acked) - drained:>5} {frames - len(delivered):>5}")  # fmt: skip
+        return 0 if drained == len(acked) else 1
     print(
         f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP "
         f"({args.out_connections} outbound connection(s))"

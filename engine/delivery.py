@@ -22,33 +22,18 @@ import structlog
 
 from connectors.destination import Delivery, DeliveryOutcome, Destination, PermanentFailure, TemporaryFailure
 from engine.ingest import Appendix, Ingestor
+from engine.outbox import OPEN_ROWS, OUTBOX_REOPEN, OUTBOX_UPDATE, OutboxIndex
 from engine.routes import DestinationSpec
 from engine.tasks import cancel_and_wait, in_thread
 from event_store import Event, EventStore
 from event_store.events import DeadLettered, Delivered, DeliveryAttempted, DeliveryFailed, Redelivered
 
-__all__ = ["DELIVERY_ROWS", "DUE_DELIVERIES", "DeliveryWorkers", "Target", "backoff_delay"]
+__all__ = ["DELIVERY_ROWS", "DeliveryWorkers", "Target", "backoff_delay"]
 
 log = structlog.get_logger("relais.delivery")
 
-# A pending delivery is due when its time has come and it is the oldest open delivery of
-# its key: nothing older is pending (retrying) or dead-lettered by a blocking destination.
-# One pass over the open rows (index on state), whatever the number of rows per key. Only
-# the keys are read here: the deliveries in flight are among the due ones until their
-# outcome commits, and reading them again with their payload after every commit cost more
-# than the deliveries themselves once a backlog formed.
-DUE_DELIVERIES = """
-SELECT o.delivery_id, o.channel, o.destination, o.ordering_key
-FROM relais_outbox o
-JOIN (SELECT channel, destination, ordering_key, MIN(seq) AS head FROM relais_outbox
-      WHERE state = 'pending' OR (state = 'dead' AND blocks = 1)
-      GROUP BY channel, destination, ordering_key) k
-  ON o.channel = k.channel AND o.destination = k.destination
- AND o.ordering_key = k.ordering_key AND o.seq = k.head
-WHERE o.state = 'pending' AND o.next_attempt_at <= ?
-ORDER BY o.seq LIMIT ?
-"""
-# What an attempt needs of the deliveries it starts, read once for all of them.
+# What an attempt needs of the deliveries it starts, read once for all of them. Which ones
+# are due comes from the outbox index (engine/outbox.py), not from a scan of the outbox.
 DELIVERY_ROWS = """
 SELECT o.*, p.data AS inline_payload, m.control_id, m.message_type, m.trigger_event, m.sender,
        dd.details AS delivery_details
@@ -58,10 +43,6 @@ LEFT JOIN relais_delivery_details dd ON dd.delivery_id = o.delivery_id
 LEFT JOIN relais_messages m ON m.message_id = o.message_id
 WHERE o.delivery_id IN ({}) AND o.state = 'pending'
 """
-OUTBOX_UPDATE = (
-    "UPDATE relais_outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
-    "blocks = ?, updated_at = ? WHERE delivery_id = ?"
-)
 
 
 @dataclass(frozen=True)
@@ -94,9 +75,8 @@ class DeliveryWorkers:
         self.ingestor = ingestor
         self.targets = dict(targets)
         self._in_flight: set[str] = set()
-        # Attempts that finished while the outbox was being read: their rows may be stale.
-        self._finished: set[str] = set()
         self._busy_keys: set[tuple[str, str, str]] = set()
+        self._outbox = OutboxIndex()
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = ingestor.commit_signal()
@@ -105,8 +85,14 @@ class DeliveryWorkers:
 
     def reload(self, targets: Mapping[tuple[str, str], Target]) -> None:
         self.targets = dict(targets)
+        self._outbox.requeue_all()  # keys whose channel had gone may have one again
 
     async def start(self) -> None:
+        # Watch the commits before reading the open rows: none is missed in between (the
+        # index adds a row once, however often it sees it).
+        self.ingestor.on_commit(self._committed)
+        self._outbox.load(await in_thread(self.store.query, OPEN_ROWS))
+        log.info("outbox_loaded", open_deliveries=len(self._outbox))
         self._task = asyncio.create_task(self._run(), name="relais-delivery")
 
     async def stop(self) -> None:
@@ -116,6 +102,11 @@ class DeliveryWorkers:
             await asyncio.wait(self._attempts, timeout=10)
         for target in self.targets.values():
             await target.destination.close()
+
+    def _committed(self, appendices: list[Appendix]) -> None:
+        for appendix in appendices:
+            if appendix.statements:
+                self._outbox.committed(appendix.statements)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -128,36 +119,15 @@ class DeliveryWorkers:
                     await self._carry_out_requests()
                 except Exception as e:
                     log.error("requests_failed", error=type(e).__name__, detail=str(e)[:200])
-            now = datetime.now(UTC)
-            self._finished.clear()
-            # The deliveries in flight come back as due (they are until their outcome
-            # commits): read about as many more as can start, not a fixed 500 every time.
-            room = max(0, 2 * self._concurrency - len(self._in_flight))
-            limit = len(self._in_flight) + room + 64  # and some keys whose channel has gone
-            busy = (frozenset(self._in_flight), frozenset(self._busy_keys))
-            try:
-                due = await in_thread(self._due, _iso(now), limit, *busy) if room else []
-            except Exception as e:
-                log.error("outbox_unreadable", error=type(e).__name__)
-                due = []
             started = 0
-            for row in due:
-                key = (row["channel"], row["destination"], row["ordering_key"])
-                if row["delivery_id"] in self._in_flight or row["delivery_id"] in self._finished:
-                    continue  # its attempt started or finished while the outbox was read
-                if key in self._busy_keys:
-                    continue
-                target = self.targets.get((row["channel"], row["destination"]))
-                if target is None:
-                    continue  # channel or destination no longer configured: it waits
-                self._in_flight.add(row["delivery_id"])
-                self._busy_keys.add(key)
-                task = asyncio.create_task(self._attempt(row, target, key))
-                self._attempts.add(task)
-                task.add_done_callback(self._attempts.discard)
-                started += 1
+            try:
+                if self._outbox.unknown:
+                    await self._read_again(list(self._outbox.unknown))
+                started = await self._start_due()
+            except Exception as e:
+                log.error("outbox_unreadable", error=type(e).__name__, detail=str(e)[:200])
             # Wake on the next commit (new routes, finished attempts) or after a while for
-            # retries that come due; never re-read the outbox more than every few ms.
+            # retries that come due; never look at the outbox more than every few ms.
             self._wake.clear()
             try:
                 async with asyncio.timeout(0.25):
@@ -166,22 +136,57 @@ class DeliveryWorkers:
                 pass
             await asyncio.sleep(0.005 if started else 0.002)
 
-    def _due(
-        self, now: str, limit: int, in_flight: frozenset[str], busy_keys: frozenset[tuple[str, str, str]]
-    ) -> list[dict[str, Any]]:
-        """On a worker thread: the due deliveries that were not in flight when asked, with
-        what their attempt needs (payload, message metadata), in outbox order."""
-        heads = self.store.query(DUE_DELIVERIES, [now, limit])
-        ids = [
-            h["delivery_id"] for h in heads
-            if h["delivery_id"] not in in_flight
-            and (h["channel"], h["destination"], h["ordering_key"]) not in busy_keys
-        ]  # fmt: skip
+    async def _read_again(self, ids: list[str]) -> None:
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):  # far below the bound-parameter limit
+            chunk = ids[start : start + 500]
+            rows += await in_thread(
+                self.store.query, f"{OPEN_ROWS} AND delivery_id IN ({','.join('?' * len(chunk))})", chunk
+            )
+        self._outbox.reloaded(ids, rows)
+
+    async def _start_due(self) -> int:
+        """Start the attempts of the due heads, as many as there is room for."""
+        room = 2 * self._concurrency - len(self._in_flight)
+        if room <= 0:
+            return 0
+        ids: list[str] = []
+        back: list[str] = []
+        for delivery_id in self._outbox.take(_iso(datetime.now(UTC)), room):
+            key = self._outbox.key_of(delivery_id)
+            if key is None or (key[0], key[1]) not in self.targets:
+                continue  # channel or destination no longer configured: it waits (reload)
+            if key in self._busy_keys:
+                back.append(delivery_id)  # an older delivery of its key is in flight
+                continue
+            ids.append(delivery_id)
+        for delivery_id in back:
+            self._outbox.give_back(delivery_id)
         if not ids:
-            return []
-        rows = self.store.query(DELIVERY_ROWS.format(",".join("?" * len(ids))), ids)
-        order = {delivery_id: i for i, delivery_id in enumerate(ids)}
-        return sorted(rows, key=lambda r: order[r["delivery_id"]])
+            return 0
+        rows = {r["delivery_id"]: r for r in await in_thread(self._rows, ids)}
+        started = 0
+        for delivery_id in ids:
+            row = rows.get(delivery_id)
+            key = self._outbox.key_of(delivery_id)
+            target = self.targets.get((key[0], key[1])) if key else None
+            if row is None or key is None or target is None:
+                # Not pending in the store: the index is wrong about it, read it again.
+                log.warning("outbox_row_not_pending", delivery_id=delivery_id)
+                self._outbox.doubt(delivery_id)
+                continue
+            self._in_flight.add(delivery_id)
+            self._busy_keys.add(key)
+            task = asyncio.create_task(self._attempt(row, target, key))
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
+            started += 1
+        return started
+
+    def _rows(self, ids: list[str]) -> list[dict[str, Any]]:
+        """On a worker thread: what the attempts of these pending deliveries need (payload,
+        message metadata)."""
+        return self.store.query(DELIVERY_ROWS.format(",".join("?" * len(ids))), ids)
 
     async def _attempt(self, row: dict[str, Any], target: Target, key: tuple[str, str, str]) -> None:
         delivery_id = row["delivery_id"]
@@ -226,9 +231,10 @@ class DeliveryWorkers:
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
             await asyncio.sleep(1.0)  # do not hammer a store that refuses writes
         finally:
-            self._finished.add(delivery_id)
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
+            # Recorded: the index has its outcome already. Not recorded: due again.
+            self._outbox.give_back(delivery_id)
             self._wake.set()
 
     async def _record(
@@ -301,11 +307,7 @@ class DeliveryWorkers:
                     for r in rows
                 ],
                 statements=[
-                    (
-                        "UPDATE relais_outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                        "blocks = 0, last_error = '', updated_at = ? WHERE delivery_id = ?",
-                        [(now, now, r["delivery_id"]) for r in rows],
-                    ),
+                    (OUTBOX_REOPEN, [(now, now, r["delivery_id"]) for r in rows]),
                     (
                         "UPDATE relais_requests SET done_at = ?, result = ? WHERE request_id = ?",
                         [(now, f"{len(rows)} deliveries queued again", request["request_id"])],

@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -156,6 +157,7 @@ class Ingestor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._signals: list[asyncio.Event] = []
+        self._watchers: list[Callable[[list[Appendix]], None]] = []
         self.committed = 0
 
     async def start(self) -> None:
@@ -191,6 +193,11 @@ class Ingestor:
         signal = asyncio.Event()
         self._signals.append(signal)
         return signal
+
+    def on_commit(self, watcher: Callable[[list[Appendix]], None]) -> None:
+        """Call `watcher` with the appendices of every commit, once durable, on the event
+        loop, before any caller is answered (the delivery workers' outbox index)."""
+        self._watchers.append(watcher)
 
     async def _run(self) -> None:
         queue = self._queue
@@ -232,6 +239,12 @@ class Ingestor:
                     fut.set_exception(IngestUnavailable(type(e).__name__))
             return
         self.committed += len(items)
+        appendices = [s for s, _ in items if isinstance(s, Appendix)]
+        for watcher in self._watchers if appendices else ():
+            try:
+                watcher(appendices)
+            except Exception as e:  # a watcher's bug must not cost the callers their answers
+                log.error("commit_watcher_failed", error=type(e).__name__, detail=str(e)[:200])
         for (_, fut), receipt in zip(items, receipts, strict=True):
             if not fut.done():  # the caller may have gone (connection closed)
                 fut.set_result(receipt)

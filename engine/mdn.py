@@ -22,7 +22,7 @@ from engine.delivery import DeliveryWorkers
 from engine.follower import LogFollower
 from engine.ingest import Appendix, Ingestor, uuid7
 from engine.mail_intake import INTEGRATION_ERRORS
-from engine.router import OUTBOX_INSERT
+from engine.outbox import OUTBOX_INSERT
 from event_store import EventStore
 from event_store.events import MdnQueued
 from event_store.store import payload_ref

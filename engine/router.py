@@ -22,6 +22,7 @@ import structlog
 
 from engine.follower import LogFollower
 from engine.ingest import Appender, Appendix, uuid7
+from engine.outbox import OUTBOX_INSERT
 from engine.route_items import SUBMISSION_PROTOCOLS, items_of, route_items
 from engine.routes import Channel, RouteInput, ordering_key, parse_for_routing
 from engine.tasks import in_thread
@@ -29,11 +30,10 @@ from event_store import EventStore
 from event_store.events import EncodedEvent, MessageRouted, NotRouted, PlannedDelivery
 from event_store.store import payload_ref
 
-__all__ = ["DETAILS_INSERT", "OUTBOX_INSERT", "Plan", "Router", "RoutingDecisions", "plan_message", "plan_routes"]
+__all__ = ["DETAILS_INSERT", "Plan", "Router", "RoutingDecisions", "plan_message", "plan_routes"]
 
 log = structlog.get_logger("relais.router")
 
-OUTBOX_INSERT = "INSERT INTO relais_outbox VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 DETAILS_INSERT = "INSERT INTO relais_delivery_details VALUES (?,?)"
 
 

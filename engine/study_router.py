@@ -18,7 +18,7 @@ from typing import Any
 from engine.er7 import Er7Message
 from engine.follower import LogFollower
 from engine.ingest import Appendix, Ingestor, uuid7
-from engine.router import OUTBOX_INSERT
+from engine.outbox import OUTBOX_INSERT
 from engine.routes import Channel, RouteInput, _evaluate, ordering_key
 from event_store import EventStore, PayloadRef
 from event_store.events import MessageRouted, NotRouted, PlannedDelivery

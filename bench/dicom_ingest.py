@@ -109,12 +109,19 @@ def relais_acceptors_server(home: Path, port: int, count: int) -> tuple[list[str
     return relais_server(home, port, sections=f"[ingest]\nacceptors = {count}\n")
 
 
+def relais_writer_server(home: Path, port: int, acceptors: int) -> tuple[list[str], str, Callable[[], int]]:
+    """Relais committing in a process of its own ([ingest] writer_process)."""
+    return relais_server(home, port, sections=f"[ingest]\nacceptors = {acceptors}\nwriter_process = true\n")
+
+
 SERVERS = {
     "relais": relais_server,
     "relais-files": relais_files_server,
     "relais-ckpt1": functools.partial(relais_ckpt_server, interval=1.0),  # the default before RESULTS §17
     "relais-acceptors2": functools.partial(relais_acceptors_server, count=2),
     "relais-acceptors4": functools.partial(relais_acceptors_server, count=4),
+    "relais-writer": functools.partial(relais_writer_server, acceptors=0),
+    "relais-writer-acceptors4": functools.partial(relais_writer_server, acceptors=4),
     "orthanc": orthanc_server,
     "storescp": storescp_server,
 }

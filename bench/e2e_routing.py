@@ -133,6 +133,7 @@ def main() -> int:
     ap.add_argument("--out-connections", type=int, default=1, help="the MLLP destination's parallel connections")
     ap.add_argument("--acceptors", type=int, default=0, help="[ingest] acceptors (processes parsing HL7)")
     ap.add_argument("--router-process", choices=["on", "off"], help="[routing] process (default: the engine's)")
+    ap.add_argument("--writer-process", action="store_true", help="[ingest] writer_process = true")
     ap.add_argument("--partner-down", action="store_true", help="the receiver comes up once the load has ended")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
@@ -150,7 +151,7 @@ def main() -> int:
         )
         (tmp / "config.toml").write_text(
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
-            f"[ingest]\nacceptors = {args.acceptors}\n"
+            f"[ingest]\nacceptors = {args.acceptors}\nwriter_process = {str(args.writer_process).lower()}\n"
             + (
                 f"[routing]\nprocess = {'true' if args.router_process == 'on' else 'false'}\n"
                 if args.router_process

@@ -16,10 +16,8 @@ import functools
 import itertools
 import multiprocessing as mp
 import os
-import pickle
 import signal
 import socket
-import struct
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,56 +26,12 @@ from typing import Any
 import structlog
 
 from engine.config import DicomListener, MllpListener, RelaisConfig
-from engine.ingest import Ingestor, IngestUnavailable, Receipt, Submission, Verdict
-from event_store import PayloadRef
+from engine.ingest import IngestUnavailable, Receipt, Submission, Writer
+from engine.wire import frame, pack_receipt, pack_submission, read_frame, unpack_receipt, unpack_submission
 
 __all__ = ["AcceptorPool", "IngestGateway", "RemoteIngestor"]
 
 log = structlog.get_logger("relais.acceptors")
-
-_HEADER = struct.Struct("!I")
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
-    return pickle.loads(await reader.readexactly(size))
-
-
-def _frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
-
-
-# Plain tuples on the wire: pickling slotted dataclasses goes through a slow Python path.
-def _pack_submission(sub: Submission) -> tuple[Any, ...]:
-    v = sub.verdict
-    ref = sub.stored_payload
-    return (
-        sub.listener, sub.protocol, sub.peer, sub.payload, sub.content_type, sub.sender, sub.control_id,
-        sub.message_type, sub.trigger_event, sub.metadata,
-        (v.status, v.ack_code, v.error_code, v.reason, v.location),
-        # A DICOM instance's events and its blob, placed and synced by the acceptor.
-        sub.events or None,
-        (ref.sha256, ref.size, ref.content_type, ref.inline) if ref is not None else None,
-    )  # fmt: skip
-
-
-def _unpack_submission(t: tuple[Any, ...]) -> Submission:
-    return Submission(
-        listener=t[0], protocol=t[1], peer=t[2], payload=t[3], content_type=t[4], sender=t[5],
-        control_id=t[6], message_type=t[7], trigger_event=t[8], metadata=t[9], verdict=Verdict(*t[10]),
-        events=t[11] or [], stored_payload=PayloadRef(*t[12]) if t[12] is not None else None,
-    )  # fmt: skip
-
-
-def _pack_receipt(r: Receipt) -> tuple[Any, ...]:
-    v = r.verdict
-    return (r.message_id.bytes, r.received_at, (v.status, v.ack_code, v.error_code, v.reason, v.location),
-            r.duplicate, r.flags)  # fmt: skip
-
-
-def _unpack_receipt(t: tuple[Any, ...]) -> Receipt:
-    return Receipt(uuid.UUID(bytes=t[0]), t[1], Verdict(*t[2]), t[3], t[4])
 
 
 class IngestGateway:
@@ -86,7 +40,7 @@ class IngestGateway:
     def __init__(
         self,
         path: Path,
-        ingestor: Ingestor,
+        ingestor: Writer,
         decisions: Callable[[uuid.UUID], Awaitable[Any]] | None,
     ) -> None:
         self.path = path
@@ -113,7 +67,7 @@ class IngestGateway:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                kind, request_id, body = await _read_frame(reader)
+                kind, request_id, body = await read_frame(reader)
                 task = asyncio.create_task(self._answer(writer, kind, request_id, body))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -126,7 +80,7 @@ class IngestGateway:
         result: Any
         try:
             if kind == "submit":
-                result = ("ok", _pack_receipt(await self.ingestor.submit(_unpack_submission(body))))
+                result = ("ok", pack_receipt(await self.ingestor.submit(unpack_submission(body))))
             elif self.decisions is not None:
                 result = ("ok", await self.decisions(body))
             else:
@@ -134,7 +88,7 @@ class IngestGateway:
         except IngestUnavailable as e:
             result = ("unavailable", str(e))
         if not writer.is_closing():
-            writer.write(_frame((request_id, result)))
+            writer.write(frame((request_id, result)))
 
 
 class RemoteIngestor:
@@ -155,7 +109,7 @@ class RemoteIngestor:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                request_id, result = await _read_frame(reader)
+                request_id, result = await read_frame(reader)
                 fut = self._waiting.pop(request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(result)
@@ -174,7 +128,7 @@ class RemoteIngestor:
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
-        self._writer.write(_frame((kind, request_id, body)))
+        self._writer.write(frame((kind, request_id, body)))
         status, value = await fut
         if status != "ok":
             raise IngestUnavailable(value)
@@ -189,7 +143,7 @@ class RemoteIngestor:
             except OSError as e:
                 raise IngestUnavailable(f"blob not stored: {type(e).__name__}") from e
             submission.blob_synced = None
-        return _unpack_receipt(await self._call("submit", _pack_submission(submission)))
+        return unpack_receipt(await self._call("submit", pack_submission(submission)))
 
     async def decision(self, message_id: uuid.UUID) -> Any:
         return await self._call("decision", message_id)

@@ -28,10 +28,11 @@ from engine.delivery import DeliveryWorkers, Target
 from engine.hl7_intake import Hl7Intake
 from engine.identity_feed import IdentityDestination, ensure_identity_tables
 from engine.indexer import SearchIndexer
-from engine.ingest import Ingestor, Submitter
+from engine.ingest import Ingestor, Submitter, Writer
 from engine.router import Router, RoutingDecisions
 from engine.router_process import RouterProcess
 from engine.routes import Channel, RouteError, load_channels
+from engine.writer_process import WriterProcess
 from event_store import EventStore
 
 __all__ = ["RelaisApp", "server_ssl_context"]
@@ -80,7 +81,7 @@ class RelaisApp:
     def __init__(self, config: RelaisConfig) -> None:
         self.config = config
         self.store: EventStore | None = None
-        self.ingestor: Ingestor | None = None
+        self.ingestor: Writer | None = None
         self.mllp: dict[str, MllpServer] = {}
         self.http: dict[str, RestServer] = {}
         self.smtp: dict[str, Any] = {}  # name -> connectors.smtp.SmtpServer
@@ -159,12 +160,15 @@ class RelaisApp:
         removed = await asyncio.to_thread(self.store.blobs.remove_incomplete_writes)
         if removed:
             log.warning("incomplete_blob_writes_removed", count=removed)
-        self.ingestor = Ingestor(
-            self.store,
-            batch_window_ms=cfg.ingest.batch_window_ms,
-            max_batch=cfg.ingest.max_batch,
-            max_pending=cfg.ingest.max_pending,
-        )
+        if cfg.ingest.writer_process:
+            self.ingestor = WriterProcess(cfg)
+        else:
+            self.ingestor = Ingestor(
+                self.store,
+                batch_window_ms=cfg.ingest.batch_window_ms,
+                max_batch=cfg.ingest.max_batch,
+                max_pending=cfg.ingest.max_pending,
+            )
         await self.ingestor.start()
         self.indexer = SearchIndexer(self.store, self.ingestor)
         await self.indexer.start()

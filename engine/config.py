@@ -204,6 +204,9 @@ class IngestSettings(_Strict):
         le=64,
         description="processes that run the MLLP and DICOM listeners and their intake; 0: in this process",
     )
+    writer_process: bool = Field(
+        False, description="commit in a process of its own, its GIL free of the listeners and delivery"
+    )
 
 
 class LogSettings(_Strict):

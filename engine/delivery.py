@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from connectors.destination import Delivery, DeliveryOutcome, Destination, PermanentFailure, TemporaryFailure
-from engine.ingest import Appendix, Ingestor
+from engine.ingest import Appendix, Writer
 from engine.outbox import OPEN_ROWS, OUTBOX_REOPEN, OUTBOX_UPDATE, OutboxIndex
 from engine.routes import DestinationSpec
 from engine.tasks import cancel_and_wait, in_thread
@@ -67,7 +67,7 @@ class DeliveryWorkers:
     def __init__(
         self,
         store: EventStore,
-        ingestor: Ingestor,
+        ingestor: Writer,
         targets: Mapping[tuple[str, str], Target],
         concurrency: int = 32,
     ) -> None:

@@ -32,7 +32,9 @@ from event_store import (
     PayloadRef,
 )
 
-__all__ = ["Appender", "Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict"]
+__all__ = [
+    "Appender", "Appendix", "IngestUnavailable", "Ingestor", "Receipt", "Submission", "Submitter", "Verdict", "Writer",
+]  # fmt: skip
 
 log = structlog.get_logger("relais.ingest")
 
@@ -140,6 +142,17 @@ class Submitter(Protocol):
     async def submit(self, submission: Submission) -> Receipt: ...
 
 
+class Writer(Appender, Submitter, Protocol):
+    """The single writer as the engine's components use it: the Ingestor in this process,
+    or the link to the writer process (engine/writer_process.py)."""
+
+    def on_commit(self, watcher: Callable[[list[Appendix]], None]) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Ingestor:
     def __init__(
         self,
@@ -148,8 +161,12 @@ class Ingestor:
         batch_window_ms: float = 0.0,
         max_batch: int = 256,
         max_pending: int = 10000,
+        on_loop: bool = False,
     ) -> None:
         self.store = store
+        # Commit on the event loop itself, not a worker thread: for a process that does
+        # nothing else (the writer process), which then skips two thread hops per commit.
+        self.on_loop = on_loop
         self.window = batch_window_ms / 1000.0
         self.max_batch = max_batch
         # None is the stop sentinel: everything queued before it is committed first.
@@ -222,7 +239,8 @@ class Ingestor:
 
     async def _commit_and_answer(self, items: list[_Item]) -> None:
         try:
-            receipts = await in_thread(self._commit, [s for s, _ in items])
+            batch = [s for s, _ in items]
+            receipts = self._commit(batch) if self.on_loop else await in_thread(self._commit, batch)
         except Exception as e:
             messages = [i for i in items if isinstance(i[0], Submission)]
             followers = [i for i in items if isinstance(i[0], Appendix)]

@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.delivery import DeliveryWorkers
 from engine.follower import LogFollower
-from engine.ingest import Appendix, Ingestor, uuid7
+from engine.ingest import Appendix, Writer, uuid7
 from engine.mail_intake import INTEGRATION_ERRORS
 from engine.outbox import OUTBOX_INSERT
 from event_store import EventStore
@@ -112,7 +112,7 @@ class MdnPlanner(LogFollower):
     min_interval = 0.05
     idle_interval = 0.1
 
-    def __init__(self, store: EventStore, ingestor: Ingestor, senders: Mapping[str, tuple[str, str]]) -> None:
+    def __init__(self, store: EventStore, ingestor: Writer, senders: Mapping[str, tuple[str, str]]) -> None:
         super().__init__(store, ingestor)
         self.senders = dict(senders)  # listener name -> (reporting host, MDN From address)
 

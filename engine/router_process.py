@@ -21,45 +21,22 @@ import multiprocessing as mp
 import os
 import signal
 import tempfile
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
-from engine.acceptors import _frame, _read_frame
 from engine.config import RelaisConfig
-from engine.ingest import Appendix, Ingestor, IngestUnavailable
+from engine.ingest import Appendix, IngestUnavailable, Writer
 from engine.router import RoutingDecisions
 from engine.routes import Channel
 from engine.tasks import cancel_and_wait
-from event_store.events import EncodedEvent, PayloadRef, topic_of
+from engine.wire import frame, pack_appendix, read_frame, unpack_appendix
 
 __all__ = ["RemoteAppender", "RouterProcess"]
 
 log = structlog.get_logger("relais.router_process")
-
-
-# Plain tuples and bytes on the wire: unpickling dataclasses runs Python code for each one
-# (~13 µs per routed message, in the main process), and the events are encoded here, once.
-def _pack_appendix(a: Appendix) -> tuple[Any, ...]:
-    events = [
-        (oid.bytes, topic_of(e), e.body if isinstance(e, EncodedEvent) else orjson.dumps(e)) for oid, e in a.events
-    ]
-    payloads = [(ref.sha256, ref.size, ref.content_type, ref.inline, data) for ref, data in a.payloads]
-    return (events, payloads, a.statements)
-
-
-def _unpack_appendix(t: tuple[Any, ...]) -> Appendix:
-    return Appendix(
-        events=[(uuid.UUID(bytes=oid), EncodedEvent(topic, body)) for oid, topic, body in t[0]],
-        payloads=[
-            (PayloadRef(sha256, size, content_type, inline), data) for sha256, size, content_type, inline, data in t[1]
-        ],
-        statements=t[2],
-    )
 
 
 class RemoteAppender:
@@ -86,19 +63,19 @@ class RemoteAppender:
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
-        self._writer.write(_frame(("append", request_id, _pack_appendix(appendix))))
+        self._writer.write(frame(("append", request_id, pack_appendix(appendix))))
         status, value = await fut
         if status != "ok":
             raise IngestUnavailable(value)
 
     def answer(self, request_id: int, body: Any) -> None:
-        self._writer.write(_frame(("answer", request_id, body)))
+        self._writer.write(frame(("answer", request_id, body)))
 
     async def read(self) -> None:
         """Answers to our appends, commit notices and new channels from the main process."""
         try:
             while True:
-                kind, request_id, body = await _read_frame(self._reader)
+                kind, request_id, body = await read_frame(self._reader)
                 if kind == "answer":
                     fut = self._waiting.pop(request_id, None)
                     if fut is not None and not fut.done():
@@ -162,7 +139,7 @@ class RouterProcess:
     def __init__(
         self,
         config: RelaisConfig,
-        ingestor: Ingestor,
+        ingestor: Writer,
         decisions: RoutingDecisions,
         channels: Sequence[Channel],
         start_timeout: float = 60.0,
@@ -230,7 +207,7 @@ class RouterProcess:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                kind, request_id, body = await _read_frame(reader)
+                kind, request_id, body = await read_frame(reader)
                 if kind == "append":
                     task = asyncio.create_task(self._append(writer, request_id, body))
                     self._appends.add(task)
@@ -247,7 +224,7 @@ class RouterProcess:
             writer.close()
 
     async def _append(self, writer: asyncio.StreamWriter, request_id: int, body: Any) -> None:
-        appendix = _unpack_appendix(body)
+        appendix = unpack_appendix(body)
         result: tuple[str, Any]
         try:
             await self.ingestor.append(appendix)
@@ -257,7 +234,7 @@ class RouterProcess:
             result = ("ok", None)
             self.decisions.committed(appendix)
         if not writer.is_closing():
-            writer.write(_frame(("answer", request_id, result)))
+            writer.write(frame(("answer", request_id, result)))
 
     async def _notify_commits(self) -> None:
         """Tell the router process about every commit (new messages to route)."""
@@ -266,7 +243,7 @@ class RouterProcess:
             self._signal.clear()
             link = self._link
             if link is not None and not link.is_closing():
-                link.write(_frame(("committed", 0, None)))
+                link.write(frame(("committed", 0, None)))
             await asyncio.sleep(0.001)  # commits close together: one notice
 
     async def _supervise(self) -> None:
@@ -301,7 +278,7 @@ class RouterProcess:
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._answers[request_id] = fut
-        link.write(_frame(("channels", request_id, self.channels)))
+        link.write(frame(("channels", request_id, self.channels)))
         try:
             async with asyncio.timeout(30):
                 status, names = await fut

@@ -18,7 +18,7 @@ import structlog
 from connectors.smtp import PasswordCheck, SmtpServer, hash_password
 from engine.config import RelaisConfig, SmtpListener
 from engine.delivery import Target
-from engine.ingest import Ingestor, Submitter
+from engine.ingest import Submitter, Writer
 from engine.mail_intake import MailIntake
 from engine.mdn import MDN_CHANNEL, MdnDelivery, MdnPlanner
 from event_store import EventStore
@@ -128,7 +128,7 @@ class MailServices:
     """The SMTP listeners and, where a listener has an MDN relay, the MDN planner and its
     delivery workers: started and stopped together by the app."""
 
-    def __init__(self, cfg: RelaisConfig, store: EventStore, ingestor: Ingestor, data_dir: Path) -> None:
+    def __init__(self, cfg: RelaisConfig, store: EventStore, ingestor: Writer, data_dir: Path) -> None:
         self.cfg = cfg
         self.store = store
         self.ingestor = ingestor

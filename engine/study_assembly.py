@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from engine.follower import LogFollower
-from engine.ingest import Appendix, Ingestor
+from engine.ingest import Appendix, Writer
 from event_store import EventStore
 from event_store.events import StudyCompleted
 from event_store.store import payload_ref
@@ -64,7 +64,7 @@ def _iso(dt: datetime) -> str:
 class StudyAssembler(LogFollower):
     name = "study-assembly"
 
-    def __init__(self, store: EventStore, ingestor: Ingestor, quiet_period: float) -> None:
+    def __init__(self, store: EventStore, ingestor: Writer, quiet_period: float) -> None:
         super().__init__(store, ingestor)
         self.quiet_period = quiet_period
         tick = min(1.0, max(0.05, quiet_period / 4))

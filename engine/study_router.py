@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.er7 import Er7Message
 from engine.follower import LogFollower
-from engine.ingest import Appendix, Ingestor, uuid7
+from engine.ingest import Appendix, Writer, uuid7
 from engine.outbox import OUTBOX_INSERT
 from engine.routes import Channel, RouteInput, _evaluate, ordering_key
 from event_store import EventStore, PayloadRef
@@ -69,7 +69,7 @@ class StudyRouter(LogFollower):
     min_interval = 0.05
     idle_interval = 0.1
 
-    def __init__(self, store: EventStore, ingestor: Ingestor, channels: Sequence[Channel]) -> None:
+    def __init__(self, store: EventStore, ingestor: Writer, channels: Sequence[Channel]) -> None:
         super().__init__(store, ingestor)
         self.channels: tuple[Channel, ...] = tuple(channels)
 

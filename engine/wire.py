@@ -1,0 +1,97 @@
+"""What goes over the Unix sockets between Relais's processes (acceptors, router process,
+writer process): length-prefixed pickles of plain tuples. Unpickling dataclasses runs
+Python code for each one; plain tuples and bytes do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import struct
+import uuid
+from typing import Any
+
+import orjson
+
+from engine.ingest import Appendix, Receipt, Submission, Verdict
+from event_store import PayloadRef
+from event_store.events import EncodedEvent, topic_of
+
+__all__ = [
+    "frame",
+    "pack_appendix",
+    "pack_receipt",
+    "pack_submission",
+    "read_frame",
+    "unpack_appendix",
+    "unpack_receipt",
+    "unpack_submission",
+]
+
+_HEADER = struct.Struct("!I")
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
+    return pickle.loads(await reader.readexactly(size))
+
+
+def frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def _ref(ref: PayloadRef | None) -> tuple[Any, ...] | None:
+    return (ref.sha256, ref.size, ref.content_type, ref.inline) if ref is not None else None
+
+
+def _verdict(v: Verdict | None) -> tuple[str, ...] | None:
+    return (v.status, v.ack_code, v.error_code, v.reason, v.location) if v is not None else None
+
+
+def pack_submission(sub: Submission) -> tuple[Any, ...]:
+    """A submission whose blob, if any, is already synced (`blob_synced` is not sent)."""
+    return (
+        sub.listener, sub.protocol, sub.peer, sub.payload, sub.content_type, sub.sender, sub.control_id,
+        sub.message_type, sub.trigger_event, sub.metadata, _verdict(sub.verdict),
+        # The protocol's own events (InstanceReceived...) and a blob the edge stored.
+        sub.events or None, _ref(sub.stored_payload),
+        [(_ref(ref), data) for ref, data in sub.payloads] or None, _verdict(sub.reused_key_verdict),
+    )  # fmt: skip
+
+
+def unpack_submission(t: tuple[Any, ...]) -> Submission:
+    return Submission(
+        listener=t[0], protocol=t[1], peer=t[2], payload=t[3], content_type=t[4], sender=t[5],
+        control_id=t[6], message_type=t[7], trigger_event=t[8], metadata=t[9], verdict=Verdict(*t[10]),
+        events=t[11] or [], stored_payload=PayloadRef(*t[12]) if t[12] is not None else None,
+        payloads=[(PayloadRef(*ref), data) for ref, data in t[13] or ()],
+        reused_key_verdict=Verdict(*t[14]) if t[14] is not None else None,
+    )  # fmt: skip
+
+
+def pack_receipt(r: Receipt) -> tuple[Any, ...]:
+    return (r.message_id.bytes, r.received_at, _verdict(r.verdict), r.duplicate, r.flags)
+
+
+def unpack_receipt(t: tuple[Any, ...]) -> Receipt:
+    return Receipt(uuid.UUID(bytes=t[0]), t[1], Verdict(*t[2]), t[3], t[4])
+
+
+def pack_appendix(a: Appendix) -> tuple[Any, ...]:
+    """The events encoded here, once, by the process that derived them."""
+    events = [
+        (oid.bytes, topic_of(e), e.body if isinstance(e, EncodedEvent) else orjson.dumps(e)) for oid, e in a.events
+    ]
+    payloads = [(*_ref(ref), data) for ref, data in a.payloads]  # type: ignore[misc]
+    return (events, payloads, a.statements)
+
+
+def unpack_appendix(t: tuple[Any, ...]) -> Appendix:
+    return Appendix(
+        events=[(uuid.UUID(bytes=oid), EncodedEvent(topic, body)) for oid, topic, body in t[0]],
+        payloads=[
+            (PayloadRef(sha256, size, content_type, inline), data) for sha256, size, content_type, inline, data in t[1]
+        ],
+        statements=t[2],
+    )

@@ -151,7 +151,8 @@ def main() -> int:
         )
         (tmp / "config.toml").write_text(
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
-            f"[ingest]\nacceptors = {args.acceptors}\nwriter_process = {str(args.writer_process).lower()}\n"
+            f"[ingest]\nacceptors = {args.acceptors}\n"
+            + ("writer_process = true\n" if args.writer_process else "")
             + (
                 f"[routing]\nprocess = {'true' if args.router_process == 'on' else 'false'}\n"
                 if args.router_process

@@ -27,7 +27,7 @@ import structlog
 
 from engine.config import DicomListener, MllpListener, RelaisConfig
 from engine.ingest import IngestUnavailable, Receipt, Submission, Writer
-from engine.wire import frame, pack_receipt, pack_submission, read_frame, unpack_receipt, unpack_submission
+from engine.wire import blob_synced, frame, pack_receipt, pack_submission, read_frame, unpack_receipt, unpack_submission
 
 __all__ = ["AcceptorPool", "IngestGateway", "RemoteIngestor"]
 
@@ -135,14 +135,7 @@ class RemoteIngestor:
         return value
 
     async def submit(self, submission: Submission) -> Receipt:
-        if submission.blob_synced is not None:
-            # The writer's commit cannot wait for a sync in this process: the submission
-            # leaves only once its blob is durable.
-            try:
-                await asyncio.wrap_future(submission.blob_synced)
-            except OSError as e:
-                raise IngestUnavailable(f"blob not stored: {type(e).__name__}") from e
-            submission.blob_synced = None
+        await blob_synced(submission)
         return unpack_receipt(await self._call("submit", pack_submission(submission)))
 
     async def decision(self, message_id: uuid.UUID) -> Any:

@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
-from engine.ingest import Appendix, Receipt, Submission, Verdict
+from engine.ingest import Appendix, IngestUnavailable, Receipt, Submission, Verdict
 from event_store import PayloadRef
 from event_store.events import EncodedEvent, topic_of
 
 __all__ = [
+    "blob_synced",
     "frame",
     "pack_appendix",
     "pack_receipt",
@@ -47,6 +48,17 @@ def _ref(ref: PayloadRef | None) -> tuple[Any, ...] | None:
 
 def _verdict(v: Verdict | None) -> tuple[str, ...] | None:
     return (v.status, v.ack_code, v.error_code, v.reason, v.location) if v is not None else None
+
+
+async def blob_synced(submission: Submission) -> None:
+    """Before a submission leaves for another process's writer: that commit cannot wait for
+    a sync under way in this process, so the submission waits for its blob to be durable."""
+    if submission.blob_synced is not None:
+        try:
+            await asyncio.wrap_future(submission.blob_synced)
+        except OSError as e:
+            raise IngestUnavailable(f"blob not stored: {type(e).__name__}") from e
+        submission.blob_synced = None
 
 
 def pack_submission(sub: Submission) -> tuple[Any, ...]:

@@ -32,6 +32,7 @@ from engine.config import RelaisConfig
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, Receipt, Submission
 from engine.tasks import cancel_and_wait
 from engine.wire import (
+    blob_synced,
     frame,
     pack_appendix,
     pack_receipt,
@@ -153,14 +154,7 @@ class WriterProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name="relais-writer-supervise")
 
     async def submit(self, submission: Submission) -> Receipt:
-        if submission.blob_synced is not None:
-            # The writer's commit cannot wait for a sync in this process: the submission
-            # leaves only once its blob is durable.
-            try:
-                await asyncio.wrap_future(submission.blob_synced)
-            except OSError as e:
-                raise IngestUnavailable(f"blob not stored: {type(e).__name__}") from e
-            submission.blob_synced = None
+        await blob_synced(submission)
         return unpack_receipt(await self._call("submit", pack_submission(submission), None))
 
     async def append(self, appendix: Appendix) -> None:

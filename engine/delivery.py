@@ -77,6 +77,7 @@ class DeliveryWorkers:
         self._in_flight: set[str] = set()
         self._busy_keys: set[tuple[str, str, str]] = set()
         self._outbox = OutboxIndex()
+        self._resync = False
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = ingestor.commit_signal()
@@ -104,6 +105,9 @@ class DeliveryWorkers:
             await target.destination.close()
 
     def _committed(self, appendices: list[Appendix]) -> None:
+        if not appendices:  # commits may have gone unseen (engine/writer_process.py)
+            self._resync = True
+            self._wake.set()
         for appendix in appendices:
             if appendix.statements:
                 self._outbox.committed(appendix.statements)
@@ -121,6 +125,9 @@ class DeliveryWorkers:
                     log.error("requests_failed", error=type(e).__name__, detail=str(e)[:200])
             started = 0
             try:
+                if self._resync:
+                    self._resync = False
+                    self._outbox.load(await in_thread(self.store.query, OPEN_ROWS))
                 if self._outbox.unknown:
                     await self._read_again(list(self._outbox.unknown))
                 started = await self._start_due()

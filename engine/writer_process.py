@@ -145,6 +145,8 @@ class WriterProcess:
         return signal_
 
     def on_commit(self, watcher: Callable[[list[Appendix]], None]) -> None:
+        """As `Ingestor.on_commit`; called with no appendix after a restart of the writer
+        process, whose last commits may have gone unanswered: read the store again."""
         self._watchers.append(watcher)
 
     async def start(self) -> None:
@@ -257,6 +259,10 @@ class WriterProcess:
             self.restarts += 1
             delay = 0.5
             log.warning("writer_process_restarted", pid=self._proc.pid, restarts=self.restarts)
+            # What the dead process committed without answering was never seen by the
+            # watchers: they read the store again.
+            for watcher in self._watchers:
+                watcher([])
 
     async def stop(self) -> None:
         """Commit what was sent, then stop the writer process."""

@@ -134,6 +134,7 @@ def main() -> int:
     ap.add_argument("--acceptors", type=int, default=0, help="[ingest] acceptors (processes parsing HL7)")
     ap.add_argument("--router-process", choices=["on", "off"], help="[routing] process (default: the engine's)")
     ap.add_argument("--writer-process", action="store_true", help="[ingest] writer_process = true")
+    ap.add_argument("--commit-on-loop", choices=["on", "off"], help="[ingest] commit_on_loop (default: the engine's)")
     ap.add_argument("--partner-down", action="store_true", help="the receiver comes up once the load has ended")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
@@ -153,6 +154,11 @@ def main() -> int:
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
             f"[ingest]\nacceptors = {args.acceptors}\n"
             + ("writer_process = true\n" if args.writer_process else "")
+            + (
+                f"commit_on_loop = {'true' if args.commit_on_loop == 'on' else 'false'}\n"
+                if args.commit_on_loop
+                else ""
+            )
             + (
                 f"[routing]\nprocess = {'true' if args.router_process == 'on' else 'false'}\n"
                 if args.router_process

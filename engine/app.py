@@ -168,6 +168,7 @@ class RelaisApp:
                 batch_window_ms=cfg.ingest.batch_window_ms,
                 max_batch=cfg.ingest.max_batch,
                 max_pending=cfg.ingest.max_pending,
+                on_loop=cfg.ingest.commit_on_loop,
             )
         await self.ingestor.start()
         self.indexer = SearchIndexer(self.store, self.ingestor)

@@ -207,6 +207,11 @@ class IngestSettings(_Strict):
     writer_process: bool = Field(
         False, description="commit in a process of its own, its GIL free of the listeners and delivery"
     )
+    commit_on_loop: bool = Field(
+        False,
+        description="commit on the event loop, not a worker thread: more intake, but delivery in this "
+        "process then gets less of it (bench/RESULTS.md §21)",
+    )
 
 
 class LogSettings(_Strict):

@@ -15,14 +15,13 @@ __all__ = ["SearchIndexer"]
 class SearchIndexer(LogFollower):
     name = "message-search"
     min_interval = 0.2  # search may lag a moment; the ACK path should not pay for it
+    idle_interval = 0.2  # past deliveries only: no new read after every commit of others
 
     def plan(self, after: int) -> tuple[Appendix, int]:
-        notes = self.store.recorder.select_notifications(
-            start=after + 1, limit=self.batch_size, topics=["relais.MessageReceived"]
-        )
-        if not notes:
-            return Appendix(), after
+        notes, read_to = self.select(after, ["relais.MessageReceived"])
+        if not notes:  # past routing and delivery events: moved on, nothing to record
+            return Appendix(), read_to
         rows = identifier_rows((str(n.originator_id), self.store.decode(n).event) for n in notes)
         appendix = Appendix(statements=[(INSERT_IDENTIFIER, rows)] if rows else [])
-        self.track(appendix, notes[-1].id)
-        return appendix, notes[-1].id
+        self.track(appendix, read_to)
+        return appendix, read_to

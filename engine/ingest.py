@@ -164,8 +164,10 @@ class Ingestor:
         on_loop: bool = False,
     ) -> None:
         self.store = store
-        # Commit on the event loop itself, not a worker thread: for a process that does
-        # nothing else (the writer process), which then skips two thread hops per commit.
+        # Commit on the event loop itself, not a worker thread. A commit is a few dozen
+        # SQLite calls; on a thread, each gives up the GIL and must win it back from the busy
+        # loop, which made a commit of 32 items take 7 ms of which the disk's sync was 0.2
+        # (bench/RESULTS.md §21). The loop then waits for the commit instead.
         self.on_loop = on_loop
         self.window = batch_window_ms / 1000.0
         self.max_batch = max_batch
@@ -226,6 +228,10 @@ class Ingestor:
             items = [first]
             if self.window:
                 await asyncio.sleep(self.window)
+            elif self.on_loop:
+                # Let what is ready run first (reads that end in a submit, attempts that end
+                # in an outcome): committed together, not one commit each.
+                await asyncio.sleep(0)
             while len(items) < self.max_batch:
                 try:
                     item = queue.get_nowait()

@@ -8,6 +8,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from hl7.client import MLLPClient
 
 from engine.er7 import Er7Message
@@ -25,8 +26,13 @@ def send_many(port: int, count: int) -> list[tuple[str, str]]:
     return out
 
 
-def test_concurrent_senders_are_all_acked_and_stored_once(relais) -> None:
-    running = relais()
+# Both places a commit can run: a worker thread (default) and the event loop.
+on_loop_or_thread = pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
+
+
+@on_loop_or_thread
+def test_concurrent_senders_are_all_acked_and_stored_once(relais, on_loop: bool) -> None:
+    running = relais(ingest={"commit_on_loop": on_loop})
     with ThreadPoolExecutor(8) as pool:
         results = [r for batch in pool.map(lambda _: send_many(running.port, 40), range(8)) for r in batch]
     assert {code for _, code in results} == {"AA"}
@@ -35,8 +41,12 @@ def test_concurrent_senders_are_all_acked_and_stored_once(relais) -> None:
     assert running.store.verify_chain().ok
 
 
-def test_store_that_cannot_commit_naks_and_the_listener_survives(relais) -> None:
-    running = relais(store={"url": "sqlite:///relais.db", "blob_dir": "blobs", "lock_timeout": 0.2})
+@on_loop_or_thread
+def test_store_that_cannot_commit_naks_and_the_listener_survives(relais, on_loop: bool) -> None:
+    running = relais(
+        store={"url": "sqlite:///relais.db", "blob_dir": "blobs", "lock_timeout": 0.2},
+        ingest={"commit_on_loop": on_loop},
+    )
     db = running.config.base_dir / "relais.db"
     locker = sqlite3.connect(db, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
@@ -60,8 +70,9 @@ def test_store_that_cannot_commit_naks_and_the_listener_survives(relais) -> None
     assert running.store.verify_chain().ok
 
 
-def test_duplicates_inside_one_batch_are_recognised(relais) -> None:
-    running = relais(ingest={"batch_window_ms": 50})
+@on_loop_or_thread
+def test_duplicates_inside_one_batch_are_recognised(relais, on_loop: bool) -> None:
+    running = relais(ingest={"batch_window_ms": 50, "commit_on_loop": on_loop})
     message = adt(control_id=f"SAME-{uuid.uuid4().hex[:8]}")
     barrier = threading.Barrier(4)
 
@@ -78,8 +89,10 @@ def test_duplicates_inside_one_batch_are_recognised(relais) -> None:
     assert topics == ["relais.MessageReceived"] + ["relais.DuplicateReceived"] * 3
 
 
-def test_message_in_flight_at_shutdown_still_gets_its_ack(relais) -> None:
-    running = relais(ingest={"batch_window_ms": 300})  # the writer holds the batch a while
+@on_loop_or_thread
+def test_message_in_flight_at_shutdown_still_gets_its_ack(relais, on_loop: bool) -> None:
+    # the writer holds the batch a while
+    running = relais(ingest={"batch_window_ms": 300, "commit_on_loop": on_loop})
     message = adt()
     answers: list[bytes] = []
 

@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+from engine.delivery import DELIVERY_ROWS
 from engine.outbox import OPEN_ROWS, OUTBOX_INSERT, OUTBOX_REOPEN, OUTBOX_UPDATE, OutboxIndex
 from event_store.recorders import SIDE_TABLES
 
@@ -112,3 +113,18 @@ def test_a_head_the_store_does_not_have_as_pending_holds_its_key_until_read_agai
     asked = list(box.index.unknown)
     box.index.reloaded(asked, [r for r in box.open_rows() if r["delivery_id"] in asked])
     assert box.index.take(_t(3), 10) == ["second"]
+
+
+def test_the_rows_of_deliveries_to_start_are_read_by_their_id_whatever_the_backlog() -> None:
+    """The read of the deliveries an attempt starts goes through the outbox's primary key:
+    with its state in the SQL, SQLite (no statistics) read every pending row instead, so each
+    start cost more as a partner's backlog grew (bench/RESULTS.md §21)."""
+    box = Outbox()
+    for seq in range(2000):
+        box.insert(f"d{seq}", ("c", "partner", f"k{seq % 50}"), seq, _t(0))
+    box.commit(OUTBOX_UPDATE, [("delivered", 1, _t(1), "", 0, _t(1), "d0")])
+    ids = ["d0", "d1", "d2"]
+    sql = DELIVERY_ROWS.format(",".join("?" * len(ids)))
+    plan = " ".join(str(row[3]) for row in box.db.execute(f"EXPLAIN QUERY PLAN {sql}", ids))
+    assert "relais_outbox_due" not in plan and "SCAN o" not in plan, plan
+    assert {r["delivery_id"] for r in box.db.execute(sql, ids)} == set(ids)  # state is tested by the caller

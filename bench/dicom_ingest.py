@@ -114,12 +114,18 @@ def relais_writer_server(home: Path, port: int, acceptors: int) -> tuple[list[st
     return relais_server(home, port, sections=f"[ingest]\nacceptors = {acceptors}\nwriter_process = true\n")
 
 
+def relais_loop_server(home: Path, port: int) -> tuple[list[str], str, Callable[[], int]]:
+    """Relais committing on its event loop ([ingest] commit_on_loop)."""
+    return relais_server(home, port, sections="[ingest]\ncommit_on_loop = true\n")
+
+
 SERVERS = {
     "relais": relais_server,
     "relais-files": relais_files_server,
     "relais-ckpt1": functools.partial(relais_ckpt_server, interval=1.0),  # the default before RESULTS §17
     "relais-acceptors2": functools.partial(relais_acceptors_server, count=2),
     "relais-acceptors4": functools.partial(relais_acceptors_server, count=4),
+    "relais-loop": relais_loop_server,
     "relais-writer": functools.partial(relais_writer_server, acceptors=0),
     "relais-writer-acceptors4": functools.partial(relais_writer_server, acceptors=4),
     "orthanc": orthanc_server,

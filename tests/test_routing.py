@@ -184,6 +184,28 @@ def test_routing_resumes_after_restart_exactly_once(relais, tmp_path: Path) -> N
     assert again.store.verify_chain().ok
 
 
+def test_patients_are_searchable_once_each_when_deliveries_come_between_their_messages(relais, tmp_path: Path) -> None:
+    """The search index reads past the routing and delivery events that follow a message,
+    indexes the next one, and indexes nothing twice across a restart."""
+
+    def indexed(running: RunningRelais, ins: str) -> int:
+        return len(running.store.query("SELECT 1 AS x FROM relais_identifiers WHERE value = ?", [ins]))
+
+    partner = relais()
+    hub = routed_relais(relais, tmp_path, partner.port)
+    patients = [f"1900175123456{i:02d}" for i in range(3)]
+    for i, ins in enumerate(patients[:2]):
+        assert send(hub.port, adt("A01", control_id=f"SEARCH-{i}", ins=ins)) == "AA"
+        wait_for(lambda i=i: "Delivered" in topics(hub, f"SEARCH-{i}"), what="delivery")
+        wait_for(lambda ins=ins: indexed(hub, ins), what="the patient in the search index")
+    hub.stop()
+    again = restarted_hub(relais, tmp_path)
+    assert send(again.port, adt("A01", control_id="SEARCH-2", ins=patients[2])) == "AA"
+    wait_for(lambda: "Delivered" in topics(again, "SEARCH-2"), what="delivery after restart")
+    wait_for(lambda: indexed(again, patients[2]), what="the patient in the search index after restart")
+    assert [indexed(again, ins) for ins in patients] == [1, 1, 1]
+
+
 def test_a_backlog_larger_than_one_outbox_read_is_delivered_once_in_order_per_patient(relais, tmp_path: Path) -> None:
     # More waiting keys than one read of the outbox takes (2 slots: ~70 keys per read), the
     # partner down while they pile up, then the hub restarted halfway through.

@@ -121,9 +121,9 @@ def test_sighup_reload_keeps_connections_and_refuses_a_bad_file(tmp_path: Path) 
             time.sleep(0.5)
             assert b"MSA|AA" in client.send_message(adt("A01", control_id="AFTER-RELOAD"))  # same connection
             deadline = time.monotonic() + 15
-            while not list((tmp_path / "out").glob("*")) and time.monotonic() < deadline:
+            while not list((tmp_path / "out").glob("[!.]*")) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert len(list((tmp_path / "out").glob("*"))) >= 1
+            assert len(list((tmp_path / "out").glob("[!.]*"))) >= 1
             (routes / "broken.toml").write_text("this is = not [valid")
             proc.send_signal(signal.SIGHUP)
             time.sleep(0.5)

@@ -158,7 +158,7 @@ settings = {{ folder = "{tmp_path / "lab"}" }}
     received = events_of(source, message_id)[0].event
     assert by_dest["archive"]["payload"] == received["payload"]
 
-    dropped = wait_for(lambda: list(drop.glob("*")), "the document in the drop folder")
+    dropped = wait_for(lambda: list(drop.glob("[!.]*")), "the document in the drop folder")
     assert [p.name for p in dropped] == [f"{message_id}-CR0001.XML"] and dropped[0].read_bytes() == report
     archived = wait_for(lambda: list((tmp_path / "archive").glob("*.eml")), "the mail in the archive")
     assert archived[0].read_bytes() == source.store.payload(received["payload"]["sha256"])
@@ -336,7 +336,7 @@ settings = {{ folder = "{drop}", filename_template = "{{filename}}" }}
     r = httpx.post(f"{url}/v1/submissions", json=document(), headers=auth("hospital"))
     assert r.status_code == 202, r.text
     assert decision(running, uuid.UUID(r.json()["id"])).topic == "relais.MessageRouted"
-    dropped = wait_for(lambda: list(drop.glob("*")), "the document in the drop folder")
+    dropped = wait_for(lambda: list(drop.glob("[!.]*")), "the document in the drop folder")
     assert [p.name for p in dropped] == ["cr.pdf"] and dropped[0].read_bytes() == CR_PDF
 
 
@@ -420,7 +420,8 @@ settings = {{ folder = "{drop}", filename_template = "{{filename}}" }}
     routed = decision(running, uuid.UUID(rows[0]["message_id"]))
     # The mail (no file name: its delivery id) and its attachment (its own name) are dropped.
     assert sorted(d["details"]["kind"] for d in routed.event["deliveries"]) == ["document", "mail"]
-    wait_for(lambda: len(list(drop.glob("*"))) == 2, "the mail and its attachment in the drop folder")
+    # Delivered files only: the file destination writes a hidden temp file, then renames it.
+    wait_for(lambda: len(list(drop.glob("[!.]*"))) == 2, "the mail and its attachment in the drop folder")
     assert (drop / "ordo.pdf").read_bytes() == PDF
     # A refused mail (here a 552, recorded with its first bytes) gets no routing decision.
     assert not [e for e in events_of(running, uuid.UUID(rows[1]["message_id"])) if "Routed" in e.topic]

@@ -32,7 +32,7 @@ from engine.ingest import Appendix, IngestUnavailable, Writer
 from engine.router import RoutingDecisions
 from engine.routes import Channel
 from engine.tasks import cancel_and_wait
-from engine.wire import frame, pack_appendix, read_frame, unpack_appendix
+from engine.wire import HANG_TIMEOUT, frame, kill_if_hung, pack_appendix, read_frame, send_alive, unpack_appendix
 
 __all__ = ["RemoteAppender", "RouterProcess"]
 
@@ -110,6 +110,7 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         remote.answer(0, ("ready", os.getpid()))
+        beating = asyncio.create_task(send_alive(writer))
         log.info("router_process_started", pid=os.getpid(), position=router.position)
 
         async def reloads() -> None:
@@ -125,6 +126,7 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
             w.cancel()
         await router.stop()
         await cancel_and_wait(reloading)
+        await cancel_and_wait(beating)
         writer.close()
         await cancel_and_wait(reading)
         await asyncio.to_thread(store.close)
@@ -149,7 +151,9 @@ class RouterProcess:
         self.decisions = decisions
         self.channels = list(channels)
         self.start_timeout = start_timeout
+        self.hang_timeout = HANG_TIMEOUT
         self.restarts = 0
+        self._alive_at = 0.0  # loop time of the last frame from the process
         self._ctx = mp.get_context("spawn")
         self._dir = Path(tempfile.mkdtemp(prefix="relais-"))  # Unix socket paths: ~100 bytes at most
         self.path = self._dir / "router.sock"
@@ -202,12 +206,16 @@ class RouterProcess:
                 continue
             if pid == self._proc.pid:
                 self._link = writer
+                self._alive_at = loop.time()
                 return
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 kind, request_id, body = await read_frame(reader)
+                if writer is self._link:
+                    self._alive_at = loop.time()
                 if kind == "append":
                     task = asyncio.create_task(self._append(writer, request_id, body))
                     self._appends.add(task)
@@ -251,6 +259,7 @@ class RouterProcess:
         while True:
             await asyncio.sleep(0.2)
             if self._proc.is_alive():
+                kill_if_hung(self._proc, self._alive_at, self.hang_timeout, "router_process")
                 continue
             log.error("router_process_died", exitcode=self._proc.exitcode, restarts=self.restarts)
             self._link = None

@@ -12,22 +12,29 @@ import uuid
 from typing import Any
 
 import orjson
+import structlog
 
 from engine.ingest import Appendix, IngestUnavailable, Receipt, Submission, Verdict
 from event_store import PayloadRef
 from event_store.events import EncodedEvent, topic_of
 
 __all__ = [
+    "ALIVE_EVERY",
+    "HANG_TIMEOUT",
     "blob_synced",
     "frame",
+    "kill_if_hung",
     "pack_appendix",
     "pack_receipt",
     "pack_submission",
     "read_frame",
+    "send_alive",
     "unpack_appendix",
     "unpack_receipt",
     "unpack_submission",
 ]
+
+log = structlog.get_logger("relais.wire")
 
 _HEADER = struct.Struct("!I")
 
@@ -40,6 +47,29 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
 def frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(data)) + data
+
+
+# A child process (router, writer) says it is alive this often, from its event loop; its
+# parent takes a silence of HANG_TIMEOUT for a hang (a loop stuck, SIGSTOP) and kills it,
+# which its supervisor then sees as a death: restarted, waiting callers answered.
+ALIVE_EVERY = 1.0
+HANG_TIMEOUT = 60.0
+
+
+async def send_alive(writer: asyncio.StreamWriter) -> None:
+    """In a child process: an ("alive", 0, None) frame every ALIVE_EVERY seconds."""
+    while not writer.is_closing():
+        writer.write(frame(("alive", 0, None)))
+        await asyncio.sleep(ALIVE_EVERY)
+
+
+def kill_if_hung(proc: Any, alive_at: float, timeout: float, name: str) -> None:
+    """In the parent: kill a child process that is alive but has sent nothing for `timeout`
+    seconds since `alive_at` (loop time). Its supervisor then restarts it as one that died."""
+    silent = asyncio.get_running_loop().time() - alive_at
+    if silent > timeout:
+        log.error(f"{name}_hung", pid=proc.pid, silent_s=round(silent, 1))
+        proc.kill()
 
 
 def _ref(ref: PayloadRef | None) -> tuple[Any, ...] | None:

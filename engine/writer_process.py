@@ -32,12 +32,15 @@ from engine.config import RelaisConfig
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, Receipt, Submission
 from engine.tasks import cancel_and_wait
 from engine.wire import (
+    HANG_TIMEOUT,
     blob_synced,
     frame,
+    kill_if_hung,
     pack_appendix,
     pack_receipt,
     pack_submission,
     read_frame,
+    send_alive,
     unpack_appendix,
     unpack_receipt,
     unpack_submission,
@@ -88,6 +91,7 @@ def _writer_main(config: RelaisConfig, socket_path: str) -> None:
         tasks: set[asyncio.Task[None]] = set()
         notifying = asyncio.create_task(notify())
         writer.write(frame(("ready", 0, os.getpid())))
+        beating = asyncio.create_task(send_alive(writer))
         try:
             while True:
                 kind, request_id, body = await read_frame(reader)
@@ -103,6 +107,7 @@ def _writer_main(config: RelaisConfig, socket_path: str) -> None:
         if tasks:
             await asyncio.wait(set(tasks), timeout=10)
         await cancel_and_wait(notifying)
+        await cancel_and_wait(beating)
         with contextlib.suppress(ConnectionError):
             writer.write(frame(("stopped", 0, None)))
             await writer.drain()
@@ -119,7 +124,9 @@ class WriterProcess:
     def __init__(self, config: RelaisConfig, start_timeout: float = 60.0) -> None:
         self.config = config
         self.start_timeout = start_timeout
+        self.hang_timeout = HANG_TIMEOUT
         self.restarts = 0
+        self._alive_at = 0.0  # loop time of the last frame from the process
         self._ctx = mp.get_context("spawn")
         self._dir = Path(tempfile.mkdtemp(prefix="relais-"))  # Unix socket paths: ~100 bytes at most
         self.path = self._dir / "writer.sock"
@@ -176,9 +183,12 @@ class WriterProcess:
         return value
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 kind, request_id, body = await read_frame(reader)
+                if writer is self._link:
+                    self._alive_at = loop.time()
                 if kind == "answer":
                     fut, appendix = self._waiting.pop(request_id, (None, None))
                     if appendix is not None and body[0] == "ok":
@@ -238,6 +248,7 @@ class WriterProcess:
                 continue
             if pid == self._proc.pid:
                 self._link = writer
+                self._alive_at = loop.time()
                 return
 
     async def _supervise(self) -> None:
@@ -245,6 +256,7 @@ class WriterProcess:
         while True:
             await asyncio.sleep(0.2)
             if self._proc.is_alive():
+                kill_if_hung(self._proc, self._alive_at, self.hang_timeout, "writer_process")
                 continue
             log.error("writer_process_died", exitcode=self._proc.exitcode, restarts=self.restarts)
             self._link = None

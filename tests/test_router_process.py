@@ -4,6 +4,7 @@ application ACKs still come, a reload reaches the router process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -101,6 +102,29 @@ def test_a_killed_router_process_is_restarted_and_routing_resumes_exactly_once(r
     # And it keeps routing what comes next.
     assert send(hub.port, adt("A01", control_id="KILL-AFTER")) == "AA"
     wait_for(lambda: "Delivered" in topics(hub, "KILL-AFTER"), what="delivery after the restart")
+
+
+def test_a_hung_router_process_is_killed_restarted_and_routing_resumes(relais, tmp_path: Path) -> None:
+    partner = relais()
+    channel_file(tmp_path / "routes", partner.port)
+    hub = hub_in_processes(relais, tmp_path)
+    process = hub.app.router_process
+    assert process is not None and process.pid is not None
+    process.hang_timeout = 2.0  # 60 s by default
+    pid = process.pid
+    os.kill(pid, signal.SIGSTOP)  # alive, and silent: it routes nothing
+    try:
+        assert send(hub.port, adt("A01", control_id="HUNG-1")) == "AA"  # the intake does not wait for routing
+        wait_for(lambda: process.restarts >= 1, timeout=20, what="the hung router process to be replaced")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert process.pid not in (None, pid)
+    with contextlib.suppress(ProcessLookupError):  # killed, not merely left behind
+        os.kill(pid, 0)
+        raise AssertionError("the hung router process is still there")
+    wait_for(lambda: "Delivered" in topics(hub, "HUNG-1"), what="delivery by the new router process")
+    assert [m.get("MSH-10") for m in received_by(partner)] == ["HUNG-1"]
 
 
 def test_application_acks_come_with_the_router_in_its_own_process(relais, tmp_path: Path) -> None:

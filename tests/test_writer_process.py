@@ -4,6 +4,7 @@ process's death; DICOM instances and REST submissions go through it as well."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -92,6 +93,31 @@ def test_a_killed_writer_process_is_restarted_and_nothing_acked_is_lost(relais, 
     assert sorted(set(received)) == sorted(everything)  # every message ACKed is in the log
     got = [m.get("MSH-10") for m in received_by(partner)]
     assert sorted(got) == sorted(everything)  # delivered once each
+    assert running.store.verify_chain().ok
+
+
+def test_a_hung_writer_process_is_killed_and_what_waited_for_it_is_refused_not_lost(relais, tmp_path: Path) -> None:
+    partner = relais()
+    channel_file(tmp_path / "routes", partner.port)
+    running = hub(relais, tmp_path)
+    writer = running.app.ingestor
+    writer.hang_timeout = 2.0  # type: ignore[union-attr]  # 60 s by default
+    pid = writer.pid  # type: ignore[union-attr]
+    message = adt("A01", control_id="WHUNG-1", ins=None)
+    os.kill(pid, signal.SIGSTOP)  # alive, and silent: it commits nothing
+    try:
+        with MLLPClient("127.0.0.1", running.port) as client:
+            client.socket.settimeout(20)  # a hang not detected fails here, not forever
+            nak = client.send_message(message).decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert "MSA|AA|" not in nak and ("MSA|AE|" in nak or "MSA|AR|" in nak)  # not stored: said so
+    wait_for(lambda: writer.restarts >= 1, timeout=20, what="the hung writer process to be replaced")  # type: ignore[union-attr]
+    assert writer.pid != pid  # type: ignore[union-attr]
+    with MLLPClient("127.0.0.1", running.port) as client:  # resent, as a sender does after a NAK
+        assert "MSA|AA|" in client.send_message(message).decode()
+    wait_for(lambda: [m.get("MSH-10") for m in received_by(partner)] == ["WHUNG-1"], what="the delivery")
     assert running.store.verify_chain().ok
 
 

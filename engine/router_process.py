@@ -14,25 +14,22 @@ logged and started again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
-import multiprocessing as mp
 import os
 import signal
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
 
+from engine.child import Child
 from engine.config import RelaisConfig
 from engine.ingest import Appendix, IngestUnavailable, Writer
 from engine.router import RoutingDecisions
 from engine.routes import Channel
 from engine.tasks import cancel_and_wait
-from engine.wire import HANG_TIMEOUT, frame, kill_if_hung, pack_appendix, read_frame, send_alive, unpack_appendix
+from engine.wire import frame, pack_appendix, read_frame, send_alive, unpack_appendix
 
 __all__ = ["RemoteAppender", "RouterProcess"]
 
@@ -150,17 +147,11 @@ class RouterProcess:
         self.ingestor = ingestor
         self.decisions = decisions
         self.channels = list(channels)
-        self.start_timeout = start_timeout
-        self.hang_timeout = HANG_TIMEOUT
-        self.restarts = 0
-        self._alive_at = 0.0  # loop time of the last frame from the process
-        self._ctx = mp.get_context("spawn")
-        self._dir = Path(tempfile.mkdtemp(prefix="relais-"))  # Unix socket paths: ~100 bytes at most
-        self.path = self._dir / "router.sock"
-        self._server: asyncio.Server | None = None
-        self._proc: Any = None
-        self._link: asyncio.StreamWriter | None = None
-        self._connected: asyncio.Queue[tuple[asyncio.StreamWriter, int]] = asyncio.Queue()
+        # A process started again takes the channels of the moment.
+        self.child = Child(
+            "router_process", _router_main, lambda path: (self.config, path, self.channels), self._serve,
+            start_timeout,
+        )  # fmt: skip
         self._ids = itertools.count(1)
         self._answers: dict[int, asyncio.Future[Any]] = {}
         # Appends received and not yet answered: a new process waits for them (its position).
@@ -170,58 +161,33 @@ class RouterProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.child.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.child.restarts
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        os.chmod(self.path, 0o600)
-        await self._spawn()
+        await self.child.listen()
+        await self.child.spawn()
         self._tasks = [
             asyncio.create_task(self._notify_commits(), name="relais-router-notify"),
-            asyncio.create_task(self._supervise(), name="relais-router-supervise"),
+            asyncio.create_task(
+                self.child.supervise(self._sent_committed, lambda: None), name="relais-router-supervise"
+            ),
         ]
 
-    async def _spawn(self) -> None:
-        while not self._connected.empty():
-            self._connected.get_nowait()
-        self._proc = self._ctx.Process(
-            target=_router_main,
-            args=(self.config, str(self.path), self.channels),
-            name="relais-router",
-            daemon=True,
-        )
-        self._proc.start()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.start_timeout
-        while True:
-            try:
-                async with asyncio.timeout(0.2):
-                    writer, pid = await self._connected.get()
-            except TimeoutError:
-                if not self._proc.is_alive():
-                    code = self._proc.exitcode
-                    raise RuntimeError(f"the router process exited while starting (code {code})") from None
-                if loop.time() > deadline:
-                    raise RuntimeError("the router process did not start in time") from None
-                continue
-            if pid == self._proc.pid:
-                self._link = writer
-                self._alive_at = loop.time()
-                return
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 kind, request_id, body = await read_frame(reader)
-                if writer is self._link:
-                    self._alive_at = loop.time()
+                self.child.heard(writer)
                 if kind == "append":
                     task = asyncio.create_task(self._append(writer, request_id, body))
                     self._appends.add(task)
                     task.add_done_callback(self._appends.discard)
                 elif kind == "answer" and request_id == 0:
-                    self._connected.put_nowait((writer, body[1]))
+                    self.child.connected(writer, body[1])
                 elif kind == "answer":
                     fut = self._answers.pop(request_id, None)
                     if fut is not None and not fut.done():
@@ -249,39 +215,21 @@ class RouterProcess:
         while True:
             await self._signal.wait()
             self._signal.clear()
-            link = self._link
+            link = self.child.link
             if link is not None and not link.is_closing():
                 link.write(frame(("committed", 0, None)))
             await asyncio.sleep(0.001)  # commits close together: one notice
 
-    async def _supervise(self) -> None:
-        delay = 0.5
-        while True:
-            await asyncio.sleep(0.2)
-            if self._proc.is_alive():
-                kill_if_hung(self._proc, self._alive_at, self.hang_timeout, "router_process")
-                continue
-            log.error("router_process_died", exitcode=self._proc.exitcode, restarts=self.restarts)
-            self._link = None
-            # What the dead process sent is committed (or refused) before a new one reads
-            # its position: otherwise it would route those messages a second time.
-            if self._appends:
-                await asyncio.wait(set(self._appends))
-            try:
-                await self._spawn()
-            except Exception as e:  # keep trying, loudly: routing must not stop in silence
-                log.error("router_process_not_started", error=type(e).__name__, detail=str(e)[:200])
-                await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
-                continue
-            self.restarts += 1
-            delay = 0.5
-            log.warning("router_process_restarted", pid=self._proc.pid, restarts=self.restarts)
+    async def _sent_committed(self) -> None:
+        """What the dead process sent is committed (or refused) before a new one reads
+        its position: otherwise it would route those messages a second time."""
+        if self._appends:
+            await asyncio.wait(set(self._appends))
 
     async def reload(self, channels: Sequence[Channel]) -> list[str]:
         """Route with new channels from now on (and in a restarted process)."""
         self.channels = list(channels)
-        link = self._link
+        link = self.child.link
         if link is None or link.is_closing():
             return [c.name for c in channels]  # a process being started takes self.channels
         request_id = next(self._ids)
@@ -301,19 +249,7 @@ class RouterProcess:
         for task in self._tasks:
             await cancel_and_wait(task)
         self._tasks = []
-        if self._proc is not None:
-            if self._proc.is_alive():
-                self._proc.terminate()  # SIGTERM: stop planning, close the store
-            await asyncio.to_thread(self._proc.join, 10)
-            if self._proc.is_alive():
-                self._proc.kill()
-                await asyncio.to_thread(self._proc.join, 5)
-            self._proc = None
+        await self.child.end(terminate=True)  # SIGTERM: stop planning, close the store
         if self._appends:  # what it sent before it stopped is still committed
             await asyncio.wait(set(self._appends), timeout=30)
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self._dir.rmdir()
+        self.child.close()

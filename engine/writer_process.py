@@ -18,24 +18,20 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import multiprocessing as mp
 import os
 import signal
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
 
+from engine.child import Child
 from engine.config import RelaisConfig
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, Receipt, Submission
 from engine.tasks import cancel_and_wait
 from engine.wire import (
-    HANG_TIMEOUT,
     blob_synced,
     frame,
-    kill_if_hung,
     pack_appendix,
     pack_receipt,
     pack_submission,
@@ -123,17 +119,7 @@ class WriterProcess:
 
     def __init__(self, config: RelaisConfig, start_timeout: float = 60.0) -> None:
         self.config = config
-        self.start_timeout = start_timeout
-        self.hang_timeout = HANG_TIMEOUT
-        self.restarts = 0
-        self._alive_at = 0.0  # loop time of the last frame from the process
-        self._ctx = mp.get_context("spawn")
-        self._dir = Path(tempfile.mkdtemp(prefix="relais-"))  # Unix socket paths: ~100 bytes at most
-        self.path = self._dir / "writer.sock"
-        self._server: asyncio.Server | None = None
-        self._proc: Any = None
-        self._link: asyncio.StreamWriter | None = None
-        self._connected: asyncio.Queue[tuple[asyncio.StreamWriter, int]] = asyncio.Queue()
+        self.child = Child("writer_process", _writer_main, lambda path: (self.config, path), self._serve, start_timeout)
         self._stopped = asyncio.Event()
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[Any], Appendix | None]] = {}
@@ -144,7 +130,11 @@ class WriterProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.child.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.child.restarts
 
     def commit_signal(self) -> asyncio.Event:
         signal_ = asyncio.Event()
@@ -157,10 +147,11 @@ class WriterProcess:
         self._watchers.append(watcher)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        os.chmod(self.path, 0o600)
-        await self._spawn()
-        self._supervisor = asyncio.create_task(self._supervise(), name="relais-writer-supervise")
+        await self.child.listen()
+        await self.child.spawn()
+        self._supervisor = asyncio.create_task(
+            self.child.supervise(self._died, self._restarted), name="relais-writer-supervise"
+        )
 
     async def submit(self, submission: Submission) -> Receipt:
         await blob_synced(submission)
@@ -170,7 +161,7 @@ class WriterProcess:
         await self._call("append", pack_appendix(appendix), appendix)
 
     async def _call(self, kind: str, body: Any, appendix: Appendix | None) -> Any:
-        link = self._link
+        link = self.child.link
         if link is None or link.is_closing() or self._stopping:
             raise IngestUnavailable("the writer process is not running")
         request_id = next(self._ids)
@@ -183,12 +174,10 @@ class WriterProcess:
         return value
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 kind, request_id, body = await read_frame(reader)
-                if writer is self._link:
-                    self._alive_at = loop.time()
+                self.child.heard(writer)
                 if kind == "answer":
                     fut, appendix = self._waiting.pop(request_id, (None, None))
                     if appendix is not None and body[0] == "ok":
@@ -199,15 +188,15 @@ class WriterProcess:
                     for signal_ in self._signals:
                         signal_.set()
                 elif kind == "ready":
-                    self._connected.put_nowait((writer, body))
+                    self.child.connected(writer, body)
                 elif kind == "stopped":
                     self._stopped.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         finally:
             writer.close()
-            if writer is self._link:
-                self._link = None
+            if writer is self.child.link:
+                self.child.link = None
                 self._fail_waiting("the writer process is gone")
 
     def _committed(self, appendix: Appendix) -> None:
@@ -225,78 +214,26 @@ class WriterProcess:
             if not fut.done():
                 fut.set_result(("unavailable", why))
 
-    async def _spawn(self) -> None:
-        while not self._connected.empty():
-            self._connected.get_nowait()
-        self._proc = self._ctx.Process(
-            target=_writer_main, args=(self.config, str(self.path)), name="relais-writer", daemon=True
-        )
-        self._proc.start()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.start_timeout
-        while True:
-            try:
-                async with asyncio.timeout(0.2):
-                    writer, pid = await self._connected.get()
-            except TimeoutError:
-                if not self._proc.is_alive():
-                    raise RuntimeError(
-                        f"the writer process exited while starting (code {self._proc.exitcode})"
-                    ) from None
-                if loop.time() > deadline:
-                    raise RuntimeError("the writer process did not start in time") from None
-                continue
-            if pid == self._proc.pid:
-                self._link = writer
-                self._alive_at = loop.time()
-                return
+    async def _died(self) -> None:
+        self._fail_waiting("the writer process died")
 
-    async def _supervise(self) -> None:
-        delay = 0.5
-        while True:
-            await asyncio.sleep(0.2)
-            if self._proc.is_alive():
-                kill_if_hung(self._proc, self._alive_at, self.hang_timeout, "writer_process")
-                continue
-            log.error("writer_process_died", exitcode=self._proc.exitcode, restarts=self.restarts)
-            self._link = None
-            self._fail_waiting("the writer process died")
-            try:
-                await self._spawn()
-            except Exception as e:  # keep trying, loudly: nothing is stored meanwhile
-                log.error("writer_process_not_started", error=type(e).__name__, detail=str(e)[:200])
-                await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
-                continue
-            self.restarts += 1
-            delay = 0.5
-            log.warning("writer_process_restarted", pid=self._proc.pid, restarts=self.restarts)
-            # What the dead process committed without answering was never seen by the
-            # watchers: they read the store again.
-            for watcher in self._watchers:
-                watcher([])
+    def _restarted(self) -> None:
+        # What the dead process committed without answering was never seen by the
+        # watchers: they read the store again.
+        for watcher in self._watchers:
+            watcher([])
 
     async def stop(self) -> None:
         """Commit what was sent, then stop the writer process."""
         await cancel_and_wait(self._supervisor)
         self._supervisor = None
         self._stopping = True
-        if self._proc is not None:
-            link = self._link
-            if link is not None and not link.is_closing():
-                link.write(frame(("stop", 0, None)))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(30):
-                        await self._stopped.wait()
-            await asyncio.to_thread(self._proc.join, 10)
-            if self._proc.is_alive():
-                self._proc.kill()
-                await asyncio.to_thread(self._proc.join, 5)
-            self._proc = None
+        link = self.child.link
+        if self.child.proc is not None and link is not None and not link.is_closing():
+            link.write(frame(("stop", 0, None)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await self._stopped.wait()
+        await self.child.end(terminate=False)
         self._fail_waiting("the writer process stopped")
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self._dir.rmdir()
+        self.child.close()

@@ -110,7 +110,7 @@ def test_a_hung_router_process_is_killed_restarted_and_routing_resumes(relais, t
     hub = hub_in_processes(relais, tmp_path)
     process = hub.app.router_process
     assert process is not None and process.pid is not None
-    process.hang_timeout = 2.0  # 60 s by default
+    process.child.hang_timeout = 2.0  # 60 s by default
     pid = process.pid
     os.kill(pid, signal.SIGSTOP)  # alive, and silent: it routes nothing
     try:

@@ -101,7 +101,7 @@ def test_a_hung_writer_process_is_killed_and_what_waited_for_it_is_refused_not_l
     channel_file(tmp_path / "routes", partner.port)
     running = hub(relais, tmp_path)
     writer = running.app.ingestor
-    writer.hang_timeout = 2.0  # type: ignore[union-attr]  # 60 s by default
+    writer.child.hang_timeout = 2.0  # type: ignore[union-attr]  # 60 s by default
     pid = writer.pid  # type: ignore[union-attr]
     message = adt("A01", control_id="WHUNG-1", ins=None)
     os.kill(pid, signal.SIGSTOP)  # alive, and silent: it commits nothing

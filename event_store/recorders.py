@@ -8,6 +8,7 @@ fail together.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Sequence
@@ -74,27 +75,95 @@ INSERT_MESSAGE = "INSERT INTO relais_messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,
 
 # One VALUES group of '?' in an INSERT (what follows it, e.g. ON CONFLICT, is kept).
 _VALUES_GROUP = re.compile(r"^(\s*INSERT\b.*?\bVALUES\s*)(\((?:\s*\?\s*,)*\s*\?\s*\))(.*)$", re.S | re.I)
-# Rows per multi-row INSERT: far below SQLite's 32,766 bound parameters.
+# An UPDATE of one row by its key: `UPDATE t SET a = ?, b = ? WHERE k = ?` (constants allowed
+# among the assignments, as in `state = 'pending'`).
+_KEYED_UPDATE = re.compile(r"^\s*UPDATE\s+(\w+)\s+SET\s+(.*?)\s+WHERE\s+(\w+)\s*=\s*\?\s*$", re.S | re.I)
+_ASSIGNMENT = re.compile(r"^\s*(\w+)\s*=\s*(.*?)\s*$", re.S)
+# Rows per multi-row statement: far below SQLite's 32,766 bound parameters.
 _ROWS_PER_INSERT = 200
 
 
 def _insert_rows(c: SQLiteCursor, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Run an INSERT for many rows with as few statements as possible.
+    """Run an INSERT, or an UPDATE by primary key, for many rows in as few statements as
+    possible.
 
     The sqlite3 module releases the GIL around every step of a statement, so `executemany`
     hands the GIL to the busy event loop once per row and waits up to the switch interval
     to get it back; a multi-row `INSERT ... VALUES (...), (...)` is one step for all its
-    rows. Rows are inserted in their order (rowids follow it). Any other statement (an
-    UPDATE) goes through `executemany`.
+    rows, and so is `UPDATE ... FROM (VALUES ...)` (a commit's delivery outcomes: 16 rows
+    were 16 handoffs). Rows are written in their order (rowids follow it). Any other
+    statement goes through `executemany`.
     """
-    match = _VALUES_GROUP.match(sql) if len(rows) > 1 else None
-    if match is None:
+    many = _multi_row(c, sql, rows) if len(rows) > 1 else None
+    if many is None:
         c.executemany(sql, rows)
         return
-    head, group, tail = match.groups()
+    head, group, tail = many
     for start in range(0, len(rows), _ROWS_PER_INSERT):
         chunk = rows[start : start + _ROWS_PER_INSERT]
         c.execute(f"{head}{','.join([group] * len(chunk))}{tail}", [v for row in chunk for v in row])
+
+
+def _multi_row(c: SQLiteCursor, sql: str, rows: Sequence[tuple[Any, ...]]) -> tuple[str, str, str] | None:
+    """`sql` as (head, one VALUES group, tail) to repeat per row, or None if it has no such form."""
+    form = _multi_row_form(sql)
+    if form is None:
+        return None
+    head, group, tail, keyed = form
+    if keyed is not None:
+        # One statement gives the same result as one per row only if each row names one
+        # row of the table (its primary key) and no two name the same.
+        table, key = keyed
+        if _primary_key(c, table) != key or len({row[-1] for row in rows}) < len(rows):
+            return None
+    return head, group, tail
+
+
+_primary_keys: dict[str, str | None] = {}
+
+
+def _primary_key(c: SQLiteCursor, table: str) -> str | None:
+    """The column that is the whole primary key of `table` (None: none, or several)."""
+    if table not in _primary_keys:
+        c.execute(f"PRAGMA table_info({table})")
+        info = c.fetchall()
+        if not info:
+            return None  # no such table (yet): the statement will say so
+        keys = [row[1] for row in info if row[5]]
+        _primary_keys[table] = keys[0] if len(keys) == 1 else None
+    return _primary_keys[table]
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row_form(sql: str) -> tuple[str, str, str, tuple[str, str] | None] | None:
+    match = _VALUES_GROUP.match(sql)
+    if match is not None:
+        head, group, tail = match.groups()
+        return head, group, tail, None
+    match = _KEYED_UPDATE.match(sql)
+    if match is None:
+        return None
+    table, assignments, key = match.groups()
+    sets, n = [], 0
+    for part in assignments.split(","):
+        target = _ASSIGNMENT.match(part)
+        if target is None or part.count("'") not in (0, 2):
+            return None  # a constant with a comma in it: not a form read here
+        column, value = target.groups()
+        if column == key:
+            return None
+        if value == "?":
+            n += 1
+            value = f"v.column{n}"
+        elif "?" in value:
+            return None
+        sets.append(f"{column} = {value}")
+    return (
+        f"UPDATE {table} SET {', '.join(sets)} FROM (VALUES ",
+        "(" + ",".join("?" * (n + 1)) + ")",
+        f") AS v WHERE {table}.{key} = v.column{n + 1}",
+        (table, key),
+    )
 
 
 @dataclass

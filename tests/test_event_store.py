@@ -234,3 +234,51 @@ def test_placed_blob_keeps_a_whole_stored_copy_and_replaces_a_torn_one(tmp_path:
     stored.write_bytes(b"")
     blobs.put(sha, data)
     assert blobs.get(sha) == data
+
+
+# -- statements of many rows ------------------------------------------------------------
+
+
+def _two_tables(conn) -> None:
+    conn.execute(
+        "CREATE TABLE outbox (delivery_id TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL, "
+        "error TEXT NOT NULL)"
+    )
+    conn.execute("CREATE TABLE ids (value TEXT NOT NULL, rri TEXT NOT NULL)")
+    conn.executemany("INSERT INTO outbox VALUES (?, 'pending', 0, '')", [(f"d{i}",) for i in range(60)])
+    conn.executemany("INSERT INTO ids VALUES (?, ?)", [("v1", "A"), ("v2", "B"), ("v3", "C")])
+
+
+@pytest.mark.parametrize(
+    ("sql", "rows", "statements"),
+    [
+        # Outcomes of distinct deliveries: one statement for all of them.
+        ("UPDATE outbox SET state = ?, attempts = ?, error = ? WHERE delivery_id = ?",
+         [("delivered" if i % 3 else "dead", i % 5, f"e{i}, with a comma", f"d{i}") for i in range(50)], 1),
+        # Constants among the assignments (an operator's redeliver).
+        ("UPDATE outbox SET state = 'pending', attempts = 0, error = '' WHERE delivery_id = ?",
+         [(f"d{i}",) for i in range(0, 60, 7)], 1),
+        # The same delivery twice: in order, the last one wins, as one statement per row would.
+        ("UPDATE outbox SET state = ?, attempts = ? WHERE delivery_id = ?",
+         [("failed", 1, "d3"), ("delivered", 2, "d3"), ("dead", 1, "d4")], 3),
+        # Not by the primary key: identifiers moved A -> B, then B -> C, one after the other.
+        ("UPDATE ids SET rri = ? WHERE rri = ?", [("B", "A"), ("C", "B")], 2),
+    ],
+)
+def test_a_statement_of_many_rows_writes_what_one_statement_per_row_would(sql, rows, statements) -> None:
+    import sqlite3
+
+    from event_store.recorders import _insert_rows
+
+    expected, actual = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    for conn in (expected, actual):
+        _two_tables(conn)
+    for row in rows:
+        expected.execute(sql, row)
+    seen: list[str] = []
+    actual.set_trace_callback(lambda s: seen.append(s) if s.lstrip().upper().startswith("UPDATE") else None)
+    _insert_rows(actual.cursor(), sql, rows)
+    for table in ("outbox", "ids"):
+        query = f"SELECT * FROM {table} ORDER BY rowid"
+        assert actual.execute(query).fetchall() == expected.execute(query).fetchall()
+    assert len(seen) == statements

@@ -253,14 +253,23 @@ def _two_tables(conn) -> None:
     ("sql", "rows", "statements"),
     [
         # Outcomes of distinct deliveries: one statement for all of them.
-        ("UPDATE outbox SET state = ?, attempts = ?, error = ? WHERE delivery_id = ?",
-         [("delivered" if i % 3 else "dead", i % 5, f"e{i}, with a comma", f"d{i}") for i in range(50)], 1),
+        (
+            "UPDATE outbox SET state = ?, attempts = ?, error = ? WHERE delivery_id = ?",
+            [("delivered" if i % 3 else "dead", i % 5, f"e{i}, with a comma", f"d{i}") for i in range(50)],
+            1,
+        ),
         # Constants among the assignments (an operator's redeliver).
-        ("UPDATE outbox SET state = 'pending', attempts = 0, error = '' WHERE delivery_id = ?",
-         [(f"d{i}",) for i in range(0, 60, 7)], 1),
+        (
+            "UPDATE outbox SET state = 'pending', attempts = 0, error = '' WHERE delivery_id = ?",
+            [(f"d{i}",) for i in range(0, 60, 7)],
+            1,
+        ),
         # The same delivery twice: in order, the last one wins, as one statement per row would.
-        ("UPDATE outbox SET state = ?, attempts = ? WHERE delivery_id = ?",
-         [("failed", 1, "d3"), ("delivered", 2, "d3"), ("dead", 1, "d4")], 3),
+        (
+            "UPDATE outbox SET state = ?, attempts = ? WHERE delivery_id = ?",
+            [("failed", 1, "d3"), ("delivered", 2, "d3"), ("dead", 1, "d4")],
+            3,
+        ),
         # Not by the primary key: identifiers moved A -> B, then B -> C, one after the other.
         ("UPDATE ids SET rri = ? WHERE rri = ?", [("B", "A"), ("C", "B")], 2),
     ],

@@ -146,10 +146,11 @@ def _acceptor_main(config: RelaisConfig, socket_path: str, number: int, routing:
     """The body of one acceptor process."""
     from engine.app import listener_servers, server_ssl_context
     from engine.dicom_intake import dicom_servers
-    from engine.logs import configure_logging
+    from engine.logs import configure_logging, name_process
     from event_store.blobs import BlobStore
 
     configure_logging(config.log.level, config.log.format)
+    name_process(f"relais-accept{number}")
 
     async def run() -> None:
         remote = RemoteIngestor(Path(socket_path))

@@ -20,6 +20,7 @@ from connectors.mail import MailContent, read_mail
 from connectors.xdm import INS_OIDS, XdmArchive, XdmRefused, read_xdm
 from engine.config import SmtpListener
 from engine.ingest import IngestUnavailable, Submission, Submitter, Verdict, uuid7
+from engine.logs import name_process
 from event_store import Event, PayloadRef
 from event_store.events import DocumentSubmitted, MailIntegrationFailed, MailReceived
 from event_store.store import payload_ref
@@ -193,7 +194,10 @@ class MailIntake:
 
     def start_readers(self) -> None:
         if self.listener.readers and self.readers is None:
-            self.readers = ProcessPoolExecutor(self.listener.readers, mp_context=mp.get_context("spawn"))
+            self.readers = ProcessPoolExecutor(
+                self.listener.readers, mp_context=mp.get_context("spawn"), initializer=name_process,
+                initargs=("relais-mailread",),
+            )  # fmt: skip
 
     def stop_readers(self) -> None:
         if self.readers is not None:

@@ -90,10 +90,11 @@ class RemoteAppender:
 
 def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]) -> None:
     """The body of the router process."""
-    from engine.logs import configure_logging
+    from engine.logs import configure_logging, name_process
     from engine.router import Router
 
     configure_logging(config.log.level, config.log.format)
+    name_process("relais-router")
 
     async def run() -> None:
         store = await asyncio.to_thread(functools.partial(config.open_store, checkpoints=False))

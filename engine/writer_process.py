@@ -49,9 +49,10 @@ log = structlog.get_logger("relais.writer_process")
 
 def _writer_main(config: RelaisConfig, socket_path: str) -> None:
     """The body of the writer process."""
-    from engine.logs import configure_logging
+    from engine.logs import configure_logging, name_process
 
     configure_logging(config.log.level, config.log.format)
+    name_process("relais-writer")
     # The engine's process decides when to stop (a terminal's Ctrl-C reaches both): it
     # sends 'stop' once nothing more can come, or its socket closes when it is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -45,6 +45,7 @@ def test_a_killed_acceptor_is_replaced(relais) -> None:
     port = running.app.port_of("mllp")
     assert running.app.acceptors is not None
     [pid] = running.app.acceptors.pids
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "relais-accept0"  # as ps and top show it
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while True:

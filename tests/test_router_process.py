@@ -62,6 +62,7 @@ def test_router_process_routes_once_in_order_across_an_engine_restart(relais, tm
     assert hub.app.router_process is not None and hub.app.router is None
     pid = hub.app.router_process.pid
     assert pid is not None and pid != os.getpid()
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "relais-router"  # as ps and top show it
 
     def ipp_of(control_id: str) -> str:
         return f"RP{int(control_id.rsplit('-', 1)[1]) % 7:03d}"

@@ -63,6 +63,7 @@ def test_a_killed_writer_process_is_restarted_and_nothing_acked_is_lost(relais, 
     running = hub(relais, tmp_path)
     writer = running.app.ingestor
     pid = writer.pid  # type: ignore[union-attr]
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "relais-writer"  # as ps and top show it
     answers: dict[str, str] = {}
 
     def send_all(ids: list[str]) -> None:

@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Delivery", "DeliveryOutcome", "Destination", "PermanentFailure", "TemporaryFailure"]
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT", "Delivery", "DeliveryOutcome", "Destination", "PermanentFailure", "TemporaryFailure",
+    "max_in_flight",
+]  # fmt: skip
+
+DEFAULT_MAX_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,11 @@ class PermanentFailure(Exception):
 
 
 class Destination(Protocol):
+    """A destination may set `max_in_flight`, the deliveries it can carry at once (an MLLP
+    destination: its connections); the delivery workers never give it more at a time, so a
+    partner that is slow or silent holds none of the attempts other destinations need.
+    Without it: DEFAULT_MAX_IN_FLIGHT."""
+
     name: str
 
     async def deliver(self, delivery: Delivery) -> DeliveryOutcome:
@@ -53,3 +63,8 @@ class Destination(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+def max_in_flight(destination: Destination) -> int:
+    """How many deliveries `destination` carries at once (see `Destination`)."""
+    return max(1, int(getattr(destination, "max_in_flight", DEFAULT_MAX_IN_FLIGHT)))

@@ -110,6 +110,7 @@ class MllpDestination:
         self.server_hostname = server_hostname
         self.max_ack_bytes = max_ack_bytes
         self._links = [_Link(i) for i in range(max(1, connections))]
+        self.max_in_flight = len(self._links)  # one message in flight per connection
         self._idle: asyncio.Queue[_Link] = asyncio.Queue()
         for link in self._links:
             self._idle.put_nowait(link)

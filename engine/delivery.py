@@ -20,7 +20,14 @@ from typing import Any
 
 import structlog
 
-from connectors.destination import Delivery, DeliveryOutcome, Destination, PermanentFailure, TemporaryFailure
+from connectors.destination import (
+    Delivery,
+    DeliveryOutcome,
+    Destination,
+    PermanentFailure,
+    TemporaryFailure,
+    max_in_flight,
+)  # fmt: skip
 from engine.ingest import Appendix, Writer
 from engine.outbox import OPEN_ROWS, OUTBOX_REOPEN, OUTBOX_UPDATE, OutboxIndex
 from engine.routes import DestinationSpec
@@ -83,12 +90,18 @@ class DeliveryWorkers:
         self._resync = False
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
+        # Each destination has at most its own `max_in_flight` of the slots, and at most a
+        # quarter of the room in attempts speaking to it or waiting to (`_cap`): a slow or
+        # silent partner holds neither the slots nor the room that the others need.
+        self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._started: dict[tuple[str, str], int] = {}
         self._wake = ingestor.commit_signal()
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
 
     def reload(self, targets: Mapping[tuple[str, str], Target]) -> None:
         self.targets = dict(targets)
+        self._gates.clear()  # attempts under way release the gates they took
         self._outbox.requeue_all()  # keys whose channel had gone may have one again
 
     async def start(self) -> None:
@@ -165,13 +178,20 @@ class DeliveryWorkers:
             return 0
         ids: list[str] = []
         back: list[str] = []
+        taking: dict[tuple[str, str], int] = {}
         for delivery_id in self._outbox.take(_iso(datetime.now(UTC)), room):
             key = self._outbox.key_of(delivery_id)
-            if key is None or (key[0], key[1]) not in self.targets:
+            target = self.targets.get((key[0], key[1])) if key else None
+            if key is None or target is None:
                 continue  # channel or destination no longer configured: it waits (reload)
             if key in self._busy_keys:
                 back.append(delivery_id)  # an older delivery of its key is in flight
                 continue
+            tk = (key[0], key[1])
+            if self._started.get(tk, 0) + taking.get(tk, 0) >= self._cap(target):
+                self._outbox.park(delivery_id, tk)  # until one of its attempts ends
+                continue
+            taking[tk] = taking.get(tk, 0) + 1
             ids.append(delivery_id)
         for delivery_id in back:
             self._outbox.give_back(delivery_id)
@@ -190,11 +210,67 @@ class DeliveryWorkers:
                 continue
             self._in_flight.add(delivery_id)
             self._busy_keys.add(key)
+            self._started[(key[0], key[1])] = self._started.get((key[0], key[1]), 0) + 1
             task = asyncio.create_task(self._attempt(row, target, key))
             self._attempts.add(task)
             task.add_done_callback(self._attempts.discard)
             started += 1
+        for tk in taking:  # planned and not started (rows not pending): what waited for them goes
+            target = self.targets.get(tk)
+            free = self._cap(target) - self._started.get(tk, 0) if target else 0
+            if free > 0:
+                self._outbox.unpark(tk, free)
         return started
+
+    async def _speak(
+        self, row: dict[str, Any], target: Target, key: tuple[str, str, str], attempt: int
+    ) -> tuple[DeliveryAttempted, DeliveryOutcome | None, str, str]:
+        """Hand the delivery to its destination: (the attempt, the outcome or None, why it is
+        dead-lettered now, the error to retry on)."""
+        try:
+            # A slot is held while the destination is spoken to, not while the outcome
+            # waits for its commit: the key stays busy until then, which keeps the order.
+            # The destination's gate first: waiting for it holds no slot.
+            async with self._gate(key[0], key[1], target), self._slots:
+                # The attempt is recorded with its outcome, in one commit: a crash in between
+                # leaves the delivery pending, so it is attempted again (at least once).
+                attempted = DeliveryAttempted(_iso(datetime.now(UTC)), row["delivery_id"], attempt)
+                # Small payloads come with the outbox row; large ones are read from the blob folder.
+                inline = row["inline_payload"]
+                payload = (
+                    bytes(inline) if inline is not None else await in_thread(self.store.payload, row["payload_sha256"])
+                )
+                delivery = Delivery(row["delivery_id"], row["message_id"], row["channel"], row["destination"],
+                                    payload, row["content_type"], _metadata(row), attempt)  # fmt: skip
+                try:
+                    return attempted, await target.destination.deliver(delivery), "", ""
+                except PermanentFailure as e:
+                    return attempted, None, f"permanent: {e}", ""
+                except (TemporaryFailure, OSError, TimeoutError) as e:
+                    return attempted, None, "", str(e) or type(e).__name__
+                except Exception as e:  # a connector bug must not lose the delivery
+                    return attempted, None, "", type(e).__name__
+        finally:  # done with the destination: it may take another of its deliveries
+            self._spoken((key[0], key[1]))
+
+    def _spoken(self, tk: tuple[str, str]) -> None:
+        """An attempt is done with its destination (its outcome may still wait for its commit)."""
+        self._started[tk] -= 1
+        if not self._started[tk]:
+            del self._started[tk]
+        self._outbox.unpark(tk, 1)
+
+    def _cap(self, target: Target) -> int:
+        """Attempts of one destination started and not done speaking to it: enough waiting
+        with their rows read to keep its connections busy, a quarter of the room at most
+        (unless it takes more at once)."""
+        return max(2 * max_in_flight(target.destination), self._concurrency)
+
+    def _gate(self, channel: str, destination: str, target: Target) -> asyncio.Semaphore:
+        gate = self._gates.get((channel, destination))
+        if gate is None:
+            gate = self._gates[(channel, destination)] = asyncio.Semaphore(max_in_flight(target.destination))
+        return gate
 
     def _rows(self, ids: list[str]) -> list[dict[str, Any]]:
         """On a worker thread: what the attempts of these pending deliveries need (payload,
@@ -208,30 +284,7 @@ class DeliveryWorkers:
         attempt = int(row["attempts"]) + 1
         spec = target.spec
         try:
-            # A slot is held while the destination is spoken to, not while the outcome
-            # waits for its commit: the key stays busy until then, which keeps the order.
-            async with self._slots:
-                # The attempt is recorded with its outcome, in one commit: a crash in between
-                # leaves the delivery pending, so it is attempted again (at least once).
-                attempted = DeliveryAttempted(_iso(datetime.now(UTC)), delivery_id, attempt)
-                # Small payloads come with the outbox row; large ones are read from the blob folder.
-                inline = row["inline_payload"]
-                payload = (
-                    bytes(inline) if inline is not None else await in_thread(self.store.payload, row["payload_sha256"])
-                )
-                meta = _metadata(row)
-                delivery = Delivery(delivery_id, str(message_id), row["channel"], row["destination"], payload,
-                                    row["content_type"], meta, attempt)  # fmt: skip
-                outcome: DeliveryOutcome | None = None
-                dead, error = "", ""
-                try:
-                    outcome = await target.destination.deliver(delivery)
-                except PermanentFailure as e:
-                    dead = f"permanent: {e}"
-                except (TemporaryFailure, OSError, TimeoutError) as e:
-                    error = str(e) or type(e).__name__
-                except Exception as e:  # a connector bug must not lose the delivery
-                    error = type(e).__name__
+            attempted, outcome, dead, error = await self._speak(row, target, key, attempt)
             if dead:
                 await self._dead(attempted, message_id, dead, spec)
             elif outcome is None:

@@ -117,6 +117,7 @@ class IdentityDestination:
         self._store: EventStore | None = None
         self._ingestor: Writer | None = None
         self._lock = asyncio.Lock()  # one change at a time: each reads what the previous wrote
+        self.max_in_flight = 1
 
     def bind(self, store: EventStore, ingestor: Writer) -> None:
         self._store = store

@@ -14,6 +14,7 @@ is due is then a look at the heads that are ready, not a scan of every open row:
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,9 @@ class OutboxIndex:
         self._ready: list[tuple[int, str]] = []
         self._later: list[tuple[str, int, str]] = []
         self._queued: set[str] = set()
+        # Due heads set aside while their destination has all the attempts it may have (a
+        # slow partner): out of the queues, so that a pass reaches the heads behind them.
+        self._parked: dict[Any, deque[str]] = {}
         # Reopened deliveries this index did not hold: their rows are read from the store.
         self.unknown: set[str] = set()
 
@@ -116,7 +120,7 @@ class OutboxIndex:
 
     def take(self, now: str, limit: int) -> list[str]:
         """Up to `limit` due heads, oldest first, taken out of the queues: each must be given
-        back (`attempt_ended`, `park`) or settled by a commit."""
+        back (`give_back`, `park`) or settled by a commit."""
         later = self._later
         while later and later[0][0] <= now:
             _, seq, delivery_id = heapq.heappop(later)
@@ -141,8 +145,24 @@ class OutboxIndex:
         if head is not None and head.pending:
             self._queue(head)
 
+    def park(self, delivery_id: str, group: Any) -> None:
+        """A head taken and not attempted because `group` (its destination) is busy: it waits
+        out of the queues until `unpark(group)`."""
+        self._parked.setdefault(group, deque()).append(delivery_id)
+
+    def unpark(self, group: Any, count: int) -> None:
+        """Up to `count` heads parked for `group` into the queues again, oldest first."""
+        parked = self._parked.get(group)
+        if not parked:
+            return
+        for _ in range(min(count, len(parked))):
+            self.give_back(parked.popleft())
+        if not parked:
+            del self._parked[group]
+
     def requeue_all(self) -> None:
         """Every pending head into the queues again (after the destinations changed)."""
+        self._parked.clear()
         for entries in self._keys.values():
             if entries[0].pending:
                 self._queue(entries[0])

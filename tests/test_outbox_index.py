@@ -128,3 +128,23 @@ def test_the_rows_of_deliveries_to_start_are_read_by_their_id_whatever_the_backl
     plan = " ".join(str(row[3]) for row in box.db.execute(f"EXPLAIN QUERY PLAN {sql}", ids))
     assert "relais_outbox_due" not in plan and "SCAN o" not in plan, plan
     assert {r["delivery_id"] for r in box.db.execute(sql, ids)} == set(ids)  # state is tested by the caller
+
+
+def test_heads_parked_for_a_busy_destination_let_a_pass_reach_the_others() -> None:
+    box = Outbox()
+    for n in range(6):  # six keys of a slow partner, older than the archive's two
+        box.insert(f"slow-{n}", ("c", "partner", f"k{n}"), n, _t(0))
+    box.insert("arch-0", ("c", "archive", "k0"), 10, _t(0))
+    box.insert("arch-1", ("c", "archive", "k1"), 11, _t(0))
+    first = box.index.take(_t(1), 3)
+    assert first == ["slow-0", "slow-1", "slow-2"]
+    for delivery_id in first[1:]:  # the partner has all it may have: set aside
+        box.index.park(delivery_id, ("c", "partner"))
+    for delivery_id in box.index.take(_t(1), 3):
+        box.index.park(delivery_id, ("c", "partner"))
+    # Past the partner's heads, the archive's: not behind them at every pass.
+    assert box.index.take(_t(1), 3) == ["arch-0", "arch-1"]
+    box.index.unpark(("c", "partner"), 2)  # two attempts of the partner ended
+    assert box.index.take(_t(1), 10) == ["slow-1", "slow-2"]
+    box.index.requeue_all()  # routes reloaded: every pending head is due again, parked or not
+    assert set(box.index.take(_t(1), 10)) == {f"slow-{n}" for n in range(6)} | {"arch-0", "arch-1"}

@@ -4,8 +4,10 @@ partner (a second Relais listening on MLLP), with retries, order, dead letters a
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -453,3 +455,44 @@ def test_status_shows_volumes_follower_lag_and_outbox(relais, tmp_path: Path) ->
     assert status["messages"]["accepted"]["count"] == 1 and status["messages"]["reject"]["count"] == 1
     assert status["followers"]["router"]["position"] >= 1
     assert {"channel": "to-partner", "destination": "partner", "state": "pending", "n": 1} in status["outbox"]
+
+
+def test_a_partner_that_never_answers_does_not_hold_other_destinations(relais, tmp_path: Path) -> None:
+    # It takes connections and reads, never ACKs: every attempt waits for `ack_timeout` (2 s)
+    # on the partner's one connection, while the other attempts of that partner queue for it.
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def swallow() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = silent.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.setblocking(False)
+            accepted.append(conn)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=swallow, daemon=True)
+    thread.start()
+    try:
+        routes = tmp_path / "routes"
+        channel_file(routes, silent.getsockname()[1], attempts=100)
+        (routes / "archive.toml").write_text(
+            f'[[destination]]\nname = "archive"\ntype = "file"\n'
+            f'[destination.settings]\nfolder = "{tmp_path / "arch"}"\n'
+        )
+        hub = relais(routing={"enabled": True, "routes_dir": str(routes), "delivery_concurrency": 4})
+        for i in range(12):  # twelve patients: twelve keys of the partner, all due at once
+            assert send(hub.port, adt("A01", control_id=f"SLOW-{i}", ipp=f"9{i:05d}")) == "AA"
+        wait_for(lambda: len(list((tmp_path / "arch").glob("[!.]*"))) == 12, timeout=8,
+                 what="the archive to get all twelve while the partner keeps every attempt waiting")  # fmt: skip
+    finally:
+        stop.set()
+        silent.close()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()

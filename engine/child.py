@@ -23,7 +23,7 @@ import structlog
 
 from engine.wire import HANG_TIMEOUT, kill_if_hung
 
-__all__ = ["Child"]
+__all__ = ["Child", "InChild"]
 
 log = structlog.get_logger("relais.child")
 
@@ -146,3 +146,18 @@ class Child:
         self.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self._dir.rmdir()
+
+
+class InChild:
+    """A component whose work runs in a child process (`self.child`): its pid and restarts,
+    for `relais status`, logs and tests."""
+
+    child: Child
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.child.restarts

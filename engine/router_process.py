@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from engine.child import Child
+from engine.child import Child, InChild
 from engine.config import RelaisConfig
 from engine.ingest import Appendix, IngestUnavailable, Writer
 from engine.router import RoutingDecisions
@@ -132,7 +132,7 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
     asyncio.run(run())
 
 
-class RouterProcess:
+class RouterProcess(InChild):
     """In the main process: starts the router process, commits what it sends, completes
     the routing decisions, passes new channels on, and restarts the process if it dies."""
 
@@ -159,14 +159,6 @@ class RouterProcess:
         self._appends: set[asyncio.Task[None]] = set()
         self._signal = ingestor.commit_signal()
         self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self.child.pid
-
-    @property
-    def restarts(self) -> int:
-        return self.child.restarts
 
     async def start(self) -> None:
         await self.child.listen()

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from engine.child import Child
+from engine.child import Child, InChild
 from engine.config import RelaisConfig
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, Receipt, Submission
 from engine.tasks import cancel_and_wait
@@ -114,7 +114,7 @@ def _writer_main(config: RelaisConfig, socket_path: str) -> None:
     asyncio.run(run())
 
 
-class WriterProcess:
+class WriterProcess(InChild):
     """In the engine's process: the writer's `submit`, `append`, `commit_signal` and
     `on_commit`, carried out by the writer process."""
 
@@ -128,14 +128,6 @@ class WriterProcess:
         self._watchers: list[Callable[[list[Appendix]], None]] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-
-    @property
-    def pid(self) -> int | None:
-        return self.child.pid
-
-    @property
-    def restarts(self) -> int:
-        return self.child.restarts
 
     def commit_signal(self) -> asyncio.Event:
         signal_ = asyncio.Event()

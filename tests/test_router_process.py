@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from hl7.client import MLLPClient
@@ -55,6 +56,22 @@ def assert_once_in_order(hub: RunningRelais, partner: RunningRelais, everything:
     assert hub.store.verify_chain().ok
 
 
+def once_in_order_across_a_restart(
+    running: RunningRelais, start: Callable[[], RunningRelais], partner: RunningRelais, prefix: str, ipp_of
+) -> None:
+    """60 messages, the engine stopped (whatever is not delivered yet goes after the restart)
+    and started again, 30 more: every one delivered once, in order per patient."""
+    first = [f"{prefix}-{n}" for n in range(60)]
+    send_burst(running.port, first, ipp_of)  # every one answered AA (asserted there)
+    running.stop()
+    again = start()
+    second = [f"{prefix}-{n}" for n in range(60, 90)]
+    send_burst(again.port, second, ipp_of)
+    everything = first + second
+    wait_for(lambda: len(received_by(partner)) >= len(everything), timeout=30, what="every delivery")
+    assert_once_in_order(again, partner, everything, ipp_of)
+
+
 def test_router_process_routes_once_in_order_across_an_engine_restart(relais, tmp_path: Path) -> None:
     partner = relais()
     channel_file(tmp_path / "routes", partner.port)
@@ -67,15 +84,7 @@ def test_router_process_routes_once_in_order_across_an_engine_restart(relais, tm
     def ipp_of(control_id: str) -> str:
         return f"RP{int(control_id.rsplit('-', 1)[1]) % 7:03d}"
 
-    first = [f"RPR-{n}" for n in range(60)]
-    send_burst(hub.port, first, ipp_of)
-    hub.stop()  # whatever is routed or delivered by now, the rest after the restart
-    again = hub_in_processes(relais, tmp_path)
-    second = [f"RPR-{n}" for n in range(60, 90)]
-    send_burst(again.port, second, ipp_of)
-    everything = first + second
-    wait_for(lambda: len(received_by(partner)) >= len(everything), timeout=30, what="every delivery")
-    assert_once_in_order(again, partner, everything, ipp_of)
+    once_in_order_across_a_restart(hub, lambda: hub_in_processes(relais, tmp_path), partner, "RPR", ipp_of)
 
 
 def test_a_killed_router_process_is_restarted_and_routing_resumes_exactly_once(relais, tmp_path: Path) -> None:

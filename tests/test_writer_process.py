@@ -20,7 +20,7 @@ from tests.conftest import RunningRelais, adt, wait_for
 from tests.dicom_files import dicom_listeners, sample
 from tests.test_dicom_intake import scu
 from tests.test_rest_api import CR_PDF, auth, document, http_listener
-from tests.test_router_process import assert_once_in_order, send_burst
+from tests.test_router_process import once_in_order_across_a_restart, send_burst
 from tests.test_routing import channel_file, received_by
 
 
@@ -45,16 +45,7 @@ def ipp_of(control_id: str) -> str:
 def test_messages_are_acked_routed_and_delivered_once_in_order_across_a_restart(relais, tmp_path: Path) -> None:
     partner = relais()
     channel_file(tmp_path / "routes", partner.port)
-    first = [f"WPR-{n}" for n in range(60)]
-    running = hub(relais, tmp_path)
-    send_burst(running.port, first, ipp_of)  # every one answered AA (asserted there)
-    running.stop()  # what is not delivered yet goes after the restart
-    again = hub(relais, tmp_path)
-    second = [f"WPR-{n}" for n in range(60, 90)]
-    send_burst(again.port, second, ipp_of)
-    everything = first + second
-    wait_for(lambda: len(received_by(partner)) >= len(everything), timeout=30, what="every delivery")
-    assert_once_in_order(again, partner, everything, ipp_of)
+    once_in_order_across_a_restart(hub(relais, tmp_path), lambda: hub(relais, tmp_path), partner, "WPR", ipp_of)
 
 
 def test_a_killed_writer_process_is_restarted_and_nothing_acked_is_lost(relais, tmp_path: Path) -> None:

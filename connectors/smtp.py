@@ -19,7 +19,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -151,9 +151,10 @@ class RelaisSMTP(SMTP):
             refusal = self.admission(self, transport.get_extra_info("peername"))
             if refusal is not None:
                 self._refused = True
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(refusal.encode() + b"\r\n")
-                transport.close()
+                # A stream transport (uvloop's are not asyncio.WriteTransport subclasses).
+                writer = cast(asyncio.Transport, transport)
+                writer.write(refusal.encode() + b"\r\n")
+                writer.close()
                 return
         super().connection_made(transport)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from engine import loop as event_loop
 from engine.config import DicomListener, MllpListener, RelaisConfig
 from engine.ingest import IngestUnavailable, Receipt, Submission, Writer
 from engine.wire import blob_synced, frame, pack_receipt, pack_submission, read_frame, unpack_receipt, unpack_submission
@@ -178,7 +179,7 @@ def _acceptor_main(config: RelaisConfig, socket_path: str, number: int, routing:
         if blobs is not None:
             blobs.close()  # waits for the syncs under way
 
-    asyncio.run(run())
+    event_loop.run(run())
 
 
 class AcceptorPool:

@@ -29,6 +29,7 @@ from engine.hl7_intake import Hl7Intake
 from engine.identity_feed import IdentityDestination, ensure_identity_tables
 from engine.indexer import SearchIndexer
 from engine.ingest import Ingestor, Submitter, Writer
+from engine.loop import loop_kind
 from engine.router import Router, RoutingDecisions
 from engine.router_process import RouterProcess
 from engine.routes import Channel, RouteError, load_channels
@@ -213,7 +214,7 @@ class RelaisApp:
             self.mail = MailServices(cfg, self.store, self.ingestor, cfg.resolve(cfg.store.blob_dir).parent)
             self.smtp = self.mail.servers
             await self.mail.start()
-        log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors,
+        log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors, event_loop=loop_kind(),
                  router_process=self.router_process.pid if self.router_process else None,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 

@@ -10,7 +10,6 @@ relais check         # payloads: events without payload (never), orphan blobs
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from engine import loop as event_loop
 from engine.config import ConfigError, RelaisConfig, load_config
 from engine.logs import configure_logging
 from event_store import EventStore
@@ -36,7 +36,12 @@ def _cmd_run(config: RelaisConfig, _: argparse.Namespace) -> int:
 
     configure_logging(config.log.level, config.log.format)
     try:
-        asyncio.run(RelaisApp(config).run_until_signalled())
+        event_loop.loop_kind()
+    except ValueError as e:
+        print(f"relais: not started: {e}", file=sys.stderr)
+        return 1
+    try:
+        event_loop.run(RelaisApp(config).run_until_signalled())
     except (StoreBusy, RouteError) as e:
         print(f"relais: not started: {e}", file=sys.stderr)
         return 1

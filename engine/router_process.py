@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from engine import loop as event_loop
 from engine.child import Child, InChild
 from engine.config import RelaisConfig
 from engine.ingest import Appendix, IngestUnavailable, Writer
@@ -129,7 +130,7 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
         await cancel_and_wait(reading)
         await asyncio.to_thread(store.close)
 
-    asyncio.run(run())
+    event_loop.run(run())
 
 
 class RouterProcess(InChild):

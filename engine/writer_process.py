@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from engine import loop as event_loop
 from engine.child import Child, InChild
 from engine.config import RelaisConfig
 from engine.ingest import Appendix, Ingestor, IngestUnavailable, Receipt, Submission
@@ -111,7 +112,7 @@ def _writer_main(config: RelaisConfig, socket_path: str) -> None:
         writer.close()
         await asyncio.to_thread(store.close)
 
-    asyncio.run(run())
+    event_loop.run(run())
 
 
 class WriterProcess(InChild):

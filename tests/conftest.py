@@ -16,9 +16,16 @@ from typing import Any
 
 import pytest
 
+from engine import loop as event_loop
 from engine.app import RelaisApp
 from engine.config import RelaisConfig
 from event_store import EventStore
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Async tests, and the clients they drive, run on the loop Relais runs on (uvloop)."""
+    return {"relais": event_loop.new_event_loop}
+
 
 PG_URL = os.environ.get("RELAIS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -52,6 +59,10 @@ class RunningRelais:
         asyncio.run_coroutine_threadsafe(self.app.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            # Closed here, not by the garbage collector at some later moment: a loop closed
+            # then closes descriptors whose numbers other tests' sockets may have taken.
+            self.loop.close()
 
 
 def make_config(tmp_path: Path, *, store_url: str | None = None, **overrides: Any) -> RelaisConfig:
@@ -69,7 +80,7 @@ def make_config(tmp_path: Path, *, store_url: str | None = None, **overrides: An
 
 
 def start_relais(config: RelaisConfig) -> RunningRelais:
-    loop = asyncio.new_event_loop()
+    loop = event_loop.new_event_loop()  # the loop `relais run` runs on (uvloop)
     started = threading.Event()
     error: list[BaseException] = []
     app = RelaisApp(config)
@@ -94,6 +105,9 @@ def start_relais(config: RelaisConfig) -> RunningRelais:
     started.wait(30)
     if error:
         loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        if not thread.is_alive():
+            loop.close()
         raise error[0]
     return RunningRelais(app, config, loop, thread)
 

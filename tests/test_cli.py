@@ -110,10 +110,12 @@ def test_bad_config_names_file_key_and_expectation(tmp_path: Path) -> None:
     assert "no such configuration file" in cli(tmp_path / "absent.toml", "verify").stderr
 
 
-def test_relais_run_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["", "asyncio"])
+def test_relais_run_serves_and_stops_on_sigterm(tmp_path: Path, loop: str) -> None:
     port = free_port()
     config_path = write_config(tmp_path, port, level="info")
-    proc = subprocess.Popen([RELAIS, "--config", str(config_path), "run"], stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "RELAIS_EVENT_LOOP": loop}
+    proc = subprocess.Popen([RELAIS, "--config", str(config_path), "run"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -134,12 +136,23 @@ def test_relais_run_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(entry["event"] == "relais_stopped" for entry in logs)
+    [started] = [entry for entry in logs if entry["event"] == "relais_started"]
+    assert started["event_loop"] == (loop or "uvloop")  # uvloop unless asked otherwise
     [received] = [entry for entry in logs if entry["event"] == "message_received"]
     assert received["control_id"] == "RUN-1" and received["message_id"]
     # Logs carry identifiers of events, never patient identity (the INS, the name).
     assert "260058815400233" not in stderr and "MARTIN" not in stderr
     assert (tmp_path / "data" / "relais.db").exists() and (tmp_path / "data" / "blobs").is_dir()
     assert os.access(tmp_path / "data" / "relais.db", os.R_OK)
+
+
+def test_an_unknown_event_loop_is_refused_by_name(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, free_port())
+    env = {**os.environ, "RELAIS_EVENT_LOOP": "tokio"}
+    result = subprocess.run([RELAIS, "--config", str(config_path), "run"], capture_output=True, text=True,
+                            timeout=60, env=env)  # fmt: skip
+    assert result.returncode == 1
+    assert "not started: RELAIS_EVENT_LOOP='tokio': expected one of uvloop, asyncio" in result.stderr
 
 
 def test_postgresql_store_url_works_end_to_end(pg_url: str, tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ pytestmark = pytest.mark.skipif(
 _LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. (\w+) resumed>|(\w+)\((\d+)?)(.*)$")
 
 
+_SENDS = ("sendto", "write", "writev")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,7 +79,7 @@ def _run_traced(workdir: Path, listener: str) -> Traced:
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
     trace = workdir / "strace.txt"
     strace = ["strace", "-f", "-qq", "-s", "65536", "-e", "signal=none", "-o", str(trace),
-              "-e", "trace=openat,accept4,sendto,pwrite64,fsync,fdatasync"]  # fmt: skip
+              "-e", "trace=openat,accept4,sendto,write,writev,pwrite64,fsync,fdatasync"]  # fmt: skip
     with (workdir / "engine.log").open("wb") as log:
         proc = subprocess.Popen([*strace, *cmd, "--config", str(config), "run"], stdout=log,
                                 stderr=subprocess.STDOUT, cwd=workdir)  # fmt: skip
@@ -109,11 +112,12 @@ def _stop(traced: Traced) -> None:
 def _early_answers(trace: Path, ids: list[str], answer_start: str) -> tuple[set[str], list[str]]:
     """(the ids answered, the answers sent before their id was written to the WAL and flushed).
 
-    An answer is a send on an accepted connection whose bytes start as `answer_start` shows
-    them in strace's rendering (an MLLP frame, a DICOM P-DATA PDU: not an association's
-    accept or release, which promise nothing about storage). Lines are in the order strace saw
-    the events; a call another thread interrupted is split into `<unfinished ...>` and
-    `<... resumed>`: a write or a flush counts when it ended, an answer when it started."""
+    An answer is a send on an accepted connection (sendto from Python's sockets, write or
+    writev from uvloop's) whose bytes start as `answer_start` shows them in strace's
+    rendering (an MLLP frame, a DICOM P-DATA PDU: not an association's accept or release,
+    which promise nothing about storage). Lines are in the order strace saw the events; a
+    call another thread interrupted is split into `<unfinished ...>` and `<... resumed>`: a
+    write or a flush counts when it ended, an answer when it started."""
     wal_fds: set[int] = set()
     connections: set[int] = set()
     started: dict[tuple[str, str], tuple[int, str]] = {}  # an unfinished call: (fd, its start)
@@ -127,6 +131,7 @@ def _early_answers(trace: Path, ids: list[str], answer_start: str) -> tuple[set[
         if m is None:
             continue
         pid, resumed, call, fd_text, rest = m.groups()
+        rest = rest.replace(", [{iov_base=", ", ", 1)  # writev: its first buffer
         if resumed is not None:
             call = resumed
             fd, head = started.pop((pid, call), (-1, ""))
@@ -134,7 +139,7 @@ def _early_answers(trace: Path, ids: list[str], answer_start: str) -> tuple[set[
             fd, head = (int(fd_text) if fd_text else -1), rest
             if "<unfinished ...>" in rest:
                 started[(pid, call)] = (fd, rest)
-                if call == "sendto" and fd in connections and rest.startswith(prefix):
+                if call in _SENDS and fd in connections and rest.startswith(prefix):
                     pass  # an answer counts from its start: below
                 else:
                     continue
@@ -148,7 +153,7 @@ def _early_answers(trace: Path, ids: list[str], answer_start: str) -> tuple[set[
         elif call in ("fsync", "fdatasync") and fd in wal_fds and result == "0":
             durable |= written  # a flush covers the file, whichever descriptor wrote it
             written.clear()
-        elif call == "sendto" and fd in connections and head.startswith(prefix) and resumed is None:
+        elif call in _SENDS and fd in connections and head.startswith(prefix) and resumed is None:
             for i in ids:
                 if i in head:
                     answered.add(i)

@@ -203,6 +203,8 @@ class Er7Message:
     def components(self, repetition: str) -> list[list[str]]:
         """Components of one repetition, each a list of unescaped sub-components."""
         seps = self.separators
+        if seps.subcomponent not in repetition and (not seps.escape or seps.escape not in repetition):
+            return [[comp] for comp in repetition.split(seps.component)]  # nothing to split or undo
         return [
             [unescape(sub, seps) for sub in comp.split(seps.subcomponent)] for comp in repetition.split(seps.component)
         ]

@@ -1,20 +1,21 @@
-"""The event loop every Relais process runs on: uvloop (libuv, in C) where it is installed,
-else asyncio's own.
+"""How every Relais process runs: on uvloop (libuv, in C) where it is installed, else on
+asyncio's own loop, with a garbage collector tuned for a server.
 
-The engine is bound by its CPU: on the end-to-end bench, uvloop took ~10 % of the CPU a
-message costs and halved the lag p99 (bench/RESULTS.md §23). `RELAIS_EVENT_LOOP=asyncio`
-chooses asyncio's loop (to tell a loop problem from an engine one); the child processes
-inherit the choice with the environment.
+On the end-to-end bench, uvloop halved the lag p99 from ACK to delivery at the same
+throughput (bench/RESULTS.md §23). `RELAIS_EVENT_LOOP=asyncio` chooses asyncio's loop (to
+tell a loop problem from an engine one); the child processes inherit the choice with the
+environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["loop_kind", "new_event_loop", "run"]
+__all__ = ["loop_kind", "new_event_loop", "run", "tune_gc"]
 
 T = TypeVar("T")
 
@@ -46,7 +47,22 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+# A message allocates a few thousand objects and frees nearly all of them by reference
+# counting; at the default threshold (700) the cyclic collector ran every few messages and
+# took ~7 % of the engine's CPU (perf, bench/RESULTS.md §23).
+GC_THRESHOLD = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Collect cycles less often, and never look again at what start-up built (modules,
+    configuration, routes): `gc.freeze` moves it out of the collected generations."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run` on the loop `loop_kind` names."""
+    """`asyncio.run` on the loop `loop_kind` names, with the collector tuned."""
+    tune_gc()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main)

@@ -160,6 +160,13 @@ def test_components_returns_unescaped_subcomponents() -> None:
     assert comps[4] == ["INS"]
 
 
+def test_components_without_subcomponents_or_escapes_read_the_same() -> None:
+    msg = Er7Message.parse("MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\rPID|||123^^^HOP^PI~4\\S\\5^^^X&1.2&ISO^PI")
+    plain, escaped = msg.repetitions("PID", 3)
+    assert msg.components(plain) == [["123"], [""], [""], ["HOP"], ["PI"]]
+    assert msg.components(escaped) == [["4^5"], [""], [""], ["X", "1.2", "ISO"], ["PI"]]
+
+
 def test_zbe_update_on_z99_is_read_from_trailing_z_segment() -> None:
     msg = Er7Message.parse(load("adt_z99_update.er7")[1])
     assert msg.segment_ids()[-1] == "ZBE"

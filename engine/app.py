@@ -172,8 +172,6 @@ class RelaisApp:
                 on_loop=cfg.ingest.commit_on_loop,
             )
         await self.ingestor.start()
-        self.indexer = SearchIndexer(self.store, self.ingestor)
-        await self.indexer.start()
         if cfg.routing.enabled:
             channels = await asyncio.to_thread(load_channels, self.routes_dir)  # RouteError: refuse to start
             self.channels = channels
@@ -188,6 +186,9 @@ class RelaisApp:
                 self.router = Router(self.store, self.ingestor, channels, self.decisions)
                 await self.router.start()
             await self.delivery.start()
+        if self.router_process is None:  # else the router process keeps the search index
+            self.indexer = SearchIndexer(self.store, self.ingestor)
+            await self.indexer.start()
         decisions = self.decisions.decision if self.decisions else None
         if cfg.ingest.acceptors:
             # MLLP and DICOM listeners live in acceptor processes; this one keeps the store

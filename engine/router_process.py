@@ -8,7 +8,8 @@ then answers. Exactly once across restarts as in one process: the position commi
 what it derived, and a new router process starts only once everything the previous one
 sent has been committed or refused. The main process completes the routing decisions
 (HL7 application ACKs) when it commits them, and watches the process: one that dies is
-logged and started again.
+logged and started again. The search index (engine/indexer.py) follows the log in the
+router process too.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class RemoteAppender:
 
 def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]) -> None:
     """The body of the router process."""
+    from engine.indexer import SearchIndexer
     from engine.logs import configure_logging, name_process
     from engine.router import Router
 
@@ -104,6 +106,10 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
         reading = asyncio.create_task(remote.read())
         router = Router(store, remote, channels)
         await router.start()
+        # The search index follows the log here too: its reads and decoding are CPU the
+        # engine's process, the busiest, does not spend (bench/RESULTS.md §23).
+        indexer = SearchIndexer(store, remote)
+        await indexer.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,6 +130,7 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
         for w in waiters:
             w.cancel()
         await router.stop()
+        await indexer.stop()
         await cancel_and_wait(reloading)
         await cancel_and_wait(beating)
         writer.close()

@@ -112,6 +112,15 @@ def test_a_killed_router_process_is_restarted_and_routing_resumes_exactly_once(r
     # And it keeps routing what comes next.
     assert send(hub.port, adt("A01", control_id="KILL-AFTER")) == "AA"
     wait_for(lambda: "Delivered" in topics(hub, "KILL-AFTER"), what="delivery after the restart")
+    # The router process keeps the search index too: every message indexed, none twice.
+    assert hub.app.indexer is None
+
+    def indexed() -> list[dict]:
+        return hub.store.query("SELECT message_id, value, COUNT(*) AS n FROM relais_identifiers GROUP BY 1, 2")
+
+    wait_for(lambda: len({r["message_id"] for r in indexed()}) == len(everything) + 1, what="every message indexed")
+    assert {r["n"] for r in indexed()} == {1}
+    assert {r["value"] for r in indexed()} >= {ipp_of(c) for c in everything} | {"260058815400233"}
 
 
 def test_a_hung_router_process_is_killed_restarted_and_routing_resumes(relais, tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ class DeliveryWorkers:
         # silent partner holds neither the slots nor the room that the others need.
         self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._started: dict[tuple[str, str], int] = {}
+        self._breakers: dict[tuple[str, str], _Breaker] = {}
         self._wake = ingestor.commit_signal()
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
@@ -102,6 +103,7 @@ class DeliveryWorkers:
     def reload(self, targets: Mapping[tuple[str, str], Target]) -> None:
         self.targets = dict(targets)
         self._gates.clear()  # attempts under way release the gates they took
+        self._breakers.clear()  # a changed destination is tried again at once
         self._outbox.requeue_all()  # keys whose channel had gone may have one again
 
     async def start(self) -> None:
@@ -140,6 +142,7 @@ class DeliveryWorkers:
                 except Exception as e:
                     log.error("requests_failed", error=type(e).__name__, detail=str(e)[:200])
             started = 0
+            self._probe_due(loop.time())
             try:
                 if self._resync:
                     self._resync = False
@@ -179,6 +182,7 @@ class DeliveryWorkers:
         ids: list[str] = []
         back: list[str] = []
         taking: dict[tuple[str, str], int] = {}
+        loop_time = asyncio.get_running_loop().time()
         for delivery_id in self._outbox.take(_iso(datetime.now(UTC)), room):
             key = self._outbox.key_of(delivery_id)
             target = self.targets.get((key[0], key[1])) if key else None
@@ -190,6 +194,10 @@ class DeliveryWorkers:
             tk = (key[0], key[1])
             if self._started.get(tk, 0) + taking.get(tk, 0) >= self._cap(target):
                 self._outbox.park(delivery_id, tk)  # until one of its attempts ends
+                continue
+            breaker = self._breakers.get(tk)
+            if breaker is not None and not breaker.probe(loop_time):
+                self._outbox.park(delivery_id, tk)  # suspended: until its probe is due or answered
                 continue
             taking[tk] = taking.get(tk, 0) + 1
             ids.append(delivery_id)
@@ -207,6 +215,8 @@ class DeliveryWorkers:
                 # Not pending in the store: the index is wrong about it, read it again.
                 log.warning("outbox_row_not_pending", delivery_id=delivery_id)
                 self._outbox.doubt(delivery_id)
+                if key is not None and (breaker := self._breakers.get((key[0], key[1]))) is not None:
+                    breaker.probing = False  # if it was the probe, the next head is
                 continue
             self._in_flight.add(delivery_id)
             self._busy_keys.add(key)
@@ -260,6 +270,31 @@ class DeliveryWorkers:
             del self._started[tk]
         self._outbox.unpark(tk, 1)
 
+    def _answered(self, tk: tuple[str, str], spec: DestinationSpec, failed: bool, error: str) -> None:
+        """Count an attempt's outcome against its destination: `suspend_after` temporary
+        failures in a row (whatever the keys) suspend it; any answer resumes it."""
+        breaker = self._breakers.get(tk)
+        if not failed:
+            if breaker is not None:
+                del self._breakers[tk]
+                if breaker.suspended:
+                    log.info("destination_resumed", channel=tk[0], destination=tk[1], failures=breaker.failures)
+                    self._outbox.unpark(tk, 1_000_000_000)  # every head it held back
+            return
+        if not spec.suspend_after:
+            return
+        if breaker is None:
+            breaker = self._breakers[tk] = _Breaker()
+        if breaker.failed(asyncio.get_running_loop().time(), spec):
+            log.warning("destination_suspended", channel=tk[0], destination=tk[1], failures=breaker.failures,
+                        error=error[:120])  # fmt: skip
+
+    def _probe_due(self, now: float) -> None:
+        """A suspended destination whose probe is due gets one of its parked heads back."""
+        for tk, breaker in self._breakers.items():
+            if breaker.suspended and not breaker.probing and breaker.retry_at <= now:
+                self._outbox.unpark(tk, 1)
+
     def _cap(self, target: Target) -> int:
         """Attempts of one destination started and not done speaking to it: enough waiting
         with their rows read to keep its connections busy, a quarter of the room at most
@@ -285,6 +320,7 @@ class DeliveryWorkers:
         spec = target.spec
         try:
             attempted, outcome, dead, error = await self._speak(row, target, key, attempt)
+            self._answered((key[0], key[1]), spec, outcome is None and not dead, error)
             if dead:
                 await self._dead(attempted, message_id, dead, spec)
             elif outcome is None:
@@ -384,6 +420,45 @@ class DeliveryWorkers:
             await self.ingestor.append(appendix)
             log.info("redelivery_requested", request_id=request["request_id"], deliveries=len(rows),
                      requested_by=request["requested_by"])  # fmt: skip
+
+
+@dataclass
+class _Breaker:
+    """A destination's failed attempts in a row, and once suspended, its probes.
+
+    Suspended, a destination gets one attempt at a time (a probe: the head that comes next,
+    counted as that delivery's attempt), spaced like one key's retries; its other heads wait
+    out of the queues, attempted by no one and recording nothing. A partner down for an hour
+    then costs a probe every `backoff_max`, not an attempt and a failure event per key, and
+    its keys keep their attempts for when it is back."""
+
+    failures: int = 0
+    probes: int = 0  # probes that failed since the suspension
+    suspended: bool = False
+    probing: bool = False
+    retry_at: float = 0.0
+
+    def failed(self, now: float, spec: DestinationSpec) -> bool:
+        """One more failure; True when this one suspends the destination."""
+        self.failures += 1
+        if self.probing:
+            self.probing = False
+            self.probes += 1
+        if self.failures < spec.suspend_after:
+            return False
+        newly = not self.suspended
+        self.suspended = True
+        self.retry_at = now + backoff_delay(self.probes + 1, spec)
+        return newly
+
+    def probe(self, now: float) -> bool:
+        """May a head be attempted now? Not suspended: yes. Suspended: one probe when due."""
+        if not self.suspended:
+            return True
+        if self.probing or now < self.retry_at:
+            return False
+        self.probing = True
+        return True
 
 
 def _metadata(row: dict[str, Any]) -> dict[str, Any]:

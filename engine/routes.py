@@ -141,6 +141,9 @@ class DestinationSpec(_Strict):
     max_attempts: int = Field(10, ge=1)
     backoff_initial: float = Field(1.0, gt=0, description="seconds before the 2nd attempt")
     backoff_max: float = Field(300.0, gt=0)
+    suspend_after: int = Field(
+        5, ge=0, description="failed attempts in a row (any key) that suspend the destination; 0: never"
+    )
     settings: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from hl7.client import MLLPClient
 
 from engine.er7 import Er7Message
@@ -243,6 +244,40 @@ def test_a_backlog_larger_than_one_outbox_read_is_delivered_once_in_order_per_pa
         assert topics(again, control_id).count("Delivered") == 1
         assert topics(again, control_id).count("MessageRouted") == 1
     assert again.store.verify_chain().ok
+
+
+@pytest.mark.parametrize("suspend_after", [3, 0])
+def test_a_partner_that_is_down_is_probed_not_hammered_and_gets_everything_once_back(
+    relais, tmp_path: Path, suspend_after: int
+) -> None:
+    # 20 patients' messages for a partner that is down, retried every 0.05-0.2 s: each key on
+    # its own would fail ~15 times in 3 s (0: what it costs without suspension).
+    partner = relais()
+    port = partner.port
+    partner.stop()
+    routes = tmp_path / "routes"
+    channel_file(routes, port, attempts=1000, dest=f"suspend_after = {suspend_after}")
+    hub = relais(routing={"enabled": True, "routes_dir": str(routes)})
+    ids = [f"DOWN-{p}" for p in range(20)]
+    with MLLPClient("127.0.0.1", hub.port) as client:
+        for p, control_id in enumerate(ids):
+            assert b"MSA|AA|" in client.send_message(adt("A08", control_id=control_id, ipp=f"DN{p:03d}", ins=None))
+
+    def failures() -> int:
+        return sum(topics(hub, control_id).count("DeliveryFailed") for control_id in ids)
+
+    wait_for(lambda: failures() >= 20, what="a first attempt of every key")
+    time.sleep(3)
+    if suspend_after:
+        # Suspended after 3 failures in a row: one probe at a time, spaced like retries.
+        assert failures() < 60
+    else:
+        assert failures() > 100
+    partner_again = relais(listeners={"mllp": [{"name": "mllp", "port": port}]})
+    wait_for(lambda: len(received_by(partner_again)) == len(ids), timeout=20, what="every delivery")
+    assert sorted(m.get("MSH-10") for m in received_by(partner_again)) == sorted(ids)
+    for control_id in ids:
+        assert topics(hub, control_id).count("Delivered") == 1
 
 
 def test_reload_applies_a_new_route_and_refuses_a_bad_one(relais, tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ class DeliveryWorkers:
                 self._outbox.park(delivery_id, tk)  # until one of its attempts ends
                 continue
             breaker = self._breakers.get(tk)
-            if breaker is not None and not breaker.probe(loop_time):
+            if breaker is not None and not breaker.probe(loop_time, delivery_id):
                 self._outbox.park(delivery_id, tk)  # suspended: until its probe is due or answered
                 continue
             taking[tk] = taking.get(tk, 0) + 1
@@ -215,8 +215,9 @@ class DeliveryWorkers:
                 # Not pending in the store: the index is wrong about it, read it again.
                 log.warning("outbox_row_not_pending", delivery_id=delivery_id)
                 self._outbox.doubt(delivery_id)
-                if key is not None and (breaker := self._breakers.get((key[0], key[1]))) is not None:
-                    breaker.probing = False  # if it was the probe, the next head is
+                breaker = self._breakers.get((key[0], key[1])) if key is not None else None
+                if breaker is not None and breaker.probing == delivery_id:
+                    breaker.probing = ""  # the next head is the probe
                 continue
             self._in_flight.add(delivery_id)
             self._busy_keys.add(key)
@@ -270,7 +271,7 @@ class DeliveryWorkers:
             del self._started[tk]
         self._outbox.unpark(tk, 1)
 
-    def _answered(self, tk: tuple[str, str], spec: DestinationSpec, failed: bool, error: str) -> None:
+    def _answered(self, tk: tuple[str, str], spec: DestinationSpec, delivery_id: str, failed: bool, error: str) -> None:
         """Count an attempt's outcome against its destination: `suspend_after` temporary
         failures in a row (whatever the keys) suspend it; any answer resumes it."""
         breaker = self._breakers.get(tk)
@@ -285,7 +286,7 @@ class DeliveryWorkers:
             return
         if breaker is None:
             breaker = self._breakers[tk] = _Breaker()
-        if breaker.failed(asyncio.get_running_loop().time(), spec):
+        if breaker.failed(asyncio.get_running_loop().time(), spec, delivery_id):
             log.warning("destination_suspended", channel=tk[0], destination=tk[1], failures=breaker.failures,
                         error=error[:120])  # fmt: skip
 
@@ -320,7 +321,7 @@ class DeliveryWorkers:
         spec = target.spec
         try:
             attempted, outcome, dead, error = await self._speak(row, target, key, attempt)
-            self._answered((key[0], key[1]), spec, outcome is None and not dead, error)
+            self._answered((key[0], key[1]), spec, delivery_id, outcome is None and not dead, error)
             if dead:
                 await self._dead(attempted, message_id, dead, spec)
             elif outcome is None:
@@ -435,14 +436,14 @@ class _Breaker:
     failures: int = 0
     probes: int = 0  # probes that failed since the suspension
     suspended: bool = False
-    probing: bool = False
+    probing: str = ""  # the delivery attempted as the probe, while it is
     retry_at: float = 0.0
 
-    def failed(self, now: float, spec: DestinationSpec) -> bool:
+    def failed(self, now: float, spec: DestinationSpec, delivery_id: str) -> bool:
         """One more failure; True when this one suspends the destination."""
         self.failures += 1
-        if self.probing:
-            self.probing = False
+        if self.probing == delivery_id:
+            self.probing = ""
             self.probes += 1
         if self.failures < spec.suspend_after:
             return False
@@ -451,13 +452,13 @@ class _Breaker:
         self.retry_at = now + backoff_delay(self.probes + 1, spec)
         return newly
 
-    def probe(self, now: float) -> bool:
-        """May a head be attempted now? Not suspended: yes. Suspended: one probe when due."""
+    def probe(self, now: float, delivery_id: str) -> bool:
+        """May this head be attempted now? Not suspended: yes. Suspended: one probe when due."""
         if not self.suspended:
             return True
         if self.probing or now < self.retry_at:
             return False
-        self.probing = True
+        self.probing = delivery_id
         return True
 
 

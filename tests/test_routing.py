@@ -280,6 +280,23 @@ def test_a_partner_that_is_down_is_probed_not_hammered_and_gets_everything_once_
         assert topics(hub, control_id).count("Delivered") == 1
 
 
+def test_a_suspended_destination_has_one_probe_at_a_time_spaced_like_retries() -> None:
+    from engine.delivery import _Breaker
+    from engine.routes import DestinationSpec
+
+    spec = DestinationSpec(name="p", type="mllp", suspend_after=2, backoff_initial=10, backoff_max=40)
+    breaker = _Breaker()
+    assert not breaker.failed(0.0, spec, "d1") and breaker.probe(0.0, "d9")  # one failure: not yet
+    assert breaker.failed(0.0, spec, "d2")  # the second in a row suspends it
+    assert not breaker.failed(0.0, spec, "d3")  # already suspended: said once
+    assert not breaker.probe(5.0, "d4")  # within ~10 s (±20 %): nothing
+    assert breaker.probe(13.0, "d4") and not breaker.probe(13.0, "d5")  # one probe at a time
+    breaker.failed(13.5, spec, "d6")  # another attempt's failure does not end the probe
+    assert not breaker.probe(100.0, "d5")
+    breaker.failed(14.0, spec, "d4")  # the probe failed: the next one in ~20 s
+    assert not breaker.probe(29.0, "d5") and breaker.probe(38.0, "d5")
+
+
 def test_reload_applies_a_new_route_and_refuses_a_bad_one(relais, tmp_path: Path) -> None:
     partner = relais()
     hub = routed_relais(relais, tmp_path, partner.port)

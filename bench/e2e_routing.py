@@ -167,6 +167,8 @@ def main() -> int:
                 else ""
             )
             + f'[[listeners.mllp]]\nname = "mllp"\nport = {relais_port}\n'
+            # Room for every load connection and the readiness probe's (default limit: 64).
+            + f"max_connections = {max(64, args.connections + 8)}\n"
         )
         ctx = mp.get_context("spawn")
         recv_pipe, recv_child = ctx.Pipe(duplex=False)

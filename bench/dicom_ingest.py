@@ -162,12 +162,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--cases", default="small:1,small:4,large:1,large:4", help="size:associations, ...")
     args = parser.parse_args()
-    for tool in ("storescu", "storescp", "Orthanc"):
+    servers = args.servers.split(",")
+    needed = ["storescu"] + ["storescp"] * ("storescp" in servers) + ["Orthanc"] * ("orthanc" in servers)
+    for tool in needed:
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install dcmtk orthanc)", file=sys.stderr)
             return 2
     cases = [(size, int(assoc)) for size, assoc in (case.split(":") for case in args.cases.split(","))]
-    names = args.servers.split(",")
+    names = servers
     runs: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="relais-dicom-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -205,12 +207,15 @@ def main() -> int:
                 shutil.rmtree(home / "data")
     results = {key: statistics.median(rates) for key, rates in runs.items()}
     width = max(11, *(len(n) + 2 for n in names))
-    print(f"\n{'case':<26}" + "".join(f"{n:>{width}}" for n in names) + "  relais/orthanc")
+    compared = "relais" in names and "orthanc" in names  # the ratio column only when both ran
+    print(f"\n{'case':<26}" + "".join(f"{n:>{width}}" for n in names) + ("  relais/orthanc" if compared else ""))
     for size, assoc in cases:
         row = [results.get((n, size, assoc), float("nan")) for n in names]
-        ratio = results.get(("relais", size, assoc), float("nan")) / results.get(("orthanc", size, assoc), float("nan"))
         label = f"{size} ({'~39 KB' if size == 'small' else '~0.5 MB'}), {assoc} assoc"
-        print(f"{label:<26}" + "".join(f"{r:>{width}.0f}" for r in row) + f"  {ratio:>13.2f}x")
+        line = f"{label:<26}" + "".join(f"{r:>{width}.0f}" for r in row)
+        if compared:
+            line += f"  {results[('relais', size, assoc)] / results[('orthanc', size, assoc)]:>13.2f}x"
+        print(line)
     note = f"instances/s, median of {args.rounds} interleaved rounds"
     print(f"({note}; storescu with TCP_NODELAY=1, one process per association)")
     return 0

@@ -47,15 +47,15 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-# A message allocates a few thousand objects and frees nearly all of them by reference
-# counting; at the default threshold (700) the cyclic collector ran every few messages and
-# took ~7 % of the engine's CPU (perf, bench/RESULTS.md §23).
+# A message allocates many objects and frees nearly all of them by reference counting; at
+# the default threshold (700 allocations) the cyclic collector took ~7 % of the engine's
+# CPU (perf, bench/RESULTS.md §23).
 GC_THRESHOLD = (50_000, 20, 20)
 
 
 def tune_gc() -> None:
-    """Collect cycles less often, and never look again at what start-up built (modules,
-    configuration, routes): `gc.freeze` moves it out of the collected generations."""
+    """Collect cycles less often, and never look again at what was built before the loop
+    starts (modules, configuration): `gc.freeze` moves it out of the collected generations."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)

@@ -28,7 +28,7 @@ import structlog
 from engine import loop as event_loop
 from engine.config import DicomListener, MllpListener, RelaisConfig
 from engine.ingest import IngestUnavailable, Receipt, Submission, Writer
-from engine.wire import blob_synced, frame, pack_receipt, pack_submission, read_frame, unpack_receipt, unpack_submission
+from engine.wire import blob_synced, pack_receipt, pack_submission, read_frame, send, unpack_receipt, unpack_submission
 
 __all__ = ["AcceptorPool", "IngestGateway", "RemoteIngestor"]
 
@@ -89,7 +89,7 @@ class IngestGateway:
         except IngestUnavailable as e:
             result = ("unavailable", str(e))
         if not writer.is_closing():
-            writer.write(frame((request_id, result)))
+            send(writer, (request_id, result))
 
 
 class RemoteIngestor:
@@ -129,7 +129,7 @@ class RemoteIngestor:
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
-        self._writer.write(frame((kind, request_id, body)))
+        send(self._writer, (kind, request_id, body))
         status, value = await fut
         if status != "ok":
             raise IngestUnavailable(value)

@@ -31,7 +31,7 @@ from engine.ingest import Appendix, IngestUnavailable, Writer
 from engine.router import RoutingDecisions
 from engine.routes import Channel
 from engine.tasks import cancel_and_wait
-from engine.wire import frame, pack_appendix, read_frame, send_alive, unpack_appendix
+from engine.wire import pack_appendix, read_frame, send, send_alive, unpack_appendix
 
 __all__ = ["RemoteAppender", "RouterProcess"]
 
@@ -62,13 +62,13 @@ class RemoteAppender:
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
-        self._writer.write(frame(("append", request_id, pack_appendix(appendix))))
+        send(self._writer, ("append", request_id, pack_appendix(appendix)))
         status, value = await fut
         if status != "ok":
             raise IngestUnavailable(value)
 
     def answer(self, request_id: int, body: Any) -> None:
-        self._writer.write(frame(("answer", request_id, body)))
+        send(self._writer, ("answer", request_id, body))
 
     async def read(self) -> None:
         """Answers to our appends, commit notices and new channels from the main process."""
@@ -209,7 +209,7 @@ class RouterProcess(InChild):
             result = ("ok", None)
             self.decisions.committed(appendix)
         if not writer.is_closing():
-            writer.write(frame(("answer", request_id, result)))
+            send(writer, ("answer", request_id, result))
 
     async def _notify_commits(self) -> None:
         """Tell the router process about every commit (new messages to route)."""
@@ -218,7 +218,7 @@ class RouterProcess(InChild):
             self._signal.clear()
             link = self.child.link
             if link is not None and not link.is_closing():
-                link.write(frame(("committed", 0, None)))
+                send(link, ("committed", 0, None))
             await asyncio.sleep(0.001)  # commits close together: one notice
 
     async def _sent_committed(self) -> None:
@@ -236,7 +236,7 @@ class RouterProcess(InChild):
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._answers[request_id] = fut
-        link.write(frame(("channels", request_id, self.channels)))
+        send(link, ("channels", request_id, self.channels))
         try:
             async with asyncio.timeout(30):
                 status, names = await fut

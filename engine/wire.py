@@ -28,6 +28,7 @@ __all__ = [
     "pack_receipt",
     "pack_submission",
     "read_frame",
+    "send",
     "send_alive",
     "unpack_appendix",
     "unpack_receipt",
@@ -49,6 +50,14 @@ def frame(obj: Any) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def send(writer: asyncio.StreamWriter, obj: Any) -> None:
+    """Write `obj` as one frame. On a connection already closed (the other process gone) the
+    frame is dropped, as asyncio's transports do; uvloop's raise RuntimeError instead. Who
+    waits for an answer then waits until stopped, and the supervisor sees the death."""
+    if not writer.is_closing():
+        writer.write(frame(obj))
+
+
 # A child process (router, writer) says it is alive this often, from its event loop; its
 # parent takes a silence of HANG_TIMEOUT for a hang (a loop stuck, SIGSTOP) and kills it,
 # which its supervisor then sees as a death: restarted, waiting callers answered.
@@ -59,7 +68,7 @@ HANG_TIMEOUT = 60.0
 async def send_alive(writer: asyncio.StreamWriter) -> None:
     """In a child process: an ("alive", 0, None) frame every ALIVE_EVERY seconds."""
     while not writer.is_closing():
-        writer.write(frame(("alive", 0, None)))
+        send(writer, ("alive", 0, None))
         await asyncio.sleep(ALIVE_EVERY)
 
 

@@ -32,11 +32,11 @@ from engine.ingest import Appendix, Ingestor, IngestUnavailable, Receipt, Submis
 from engine.tasks import cancel_and_wait
 from engine.wire import (
     blob_synced,
-    frame,
     pack_appendix,
     pack_receipt,
     pack_submission,
     read_frame,
+    send,
     send_alive,
     unpack_appendix,
     unpack_receipt,
@@ -74,21 +74,21 @@ def _writer_main(config: RelaisConfig, socket_path: str) -> None:
             while True:
                 await committed.wait()
                 committed.clear()
-                writer.write(frame(("committed", 0, None)))
+                send(writer, ("committed", 0, None))
 
         async def answer(request_id: int, work: Any) -> None:
             try:
                 result = ("ok", await work)
             except IngestUnavailable as e:
                 result = ("unavailable", str(e))
-            writer.write(frame(("answer", request_id, result)))
+            send(writer, ("answer", request_id, result))
 
         async def submit(body: Any) -> Any:
             return pack_receipt(await ingestor.submit(unpack_submission(body)))
 
         tasks: set[asyncio.Task[None]] = set()
         notifying = asyncio.create_task(notify())
-        writer.write(frame(("ready", 0, os.getpid())))
+        send(writer, ("ready", 0, os.getpid()))
         beating = asyncio.create_task(send_alive(writer))
         try:
             while True:
@@ -107,7 +107,7 @@ def _writer_main(config: RelaisConfig, socket_path: str) -> None:
         await cancel_and_wait(notifying)
         await cancel_and_wait(beating)
         with contextlib.suppress(ConnectionError):
-            writer.write(frame(("stopped", 0, None)))
+            send(writer, ("stopped", 0, None))
             await writer.drain()
         writer.close()
         await asyncio.to_thread(store.close)
@@ -161,7 +161,7 @@ class WriterProcess(InChild):
         request_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = (fut, appendix)
-        link.write(frame((kind, request_id, body)))
+        send(link, (kind, request_id, body))
         status, value = await fut
         if status != "ok":
             raise IngestUnavailable(value)
@@ -224,7 +224,7 @@ class WriterProcess(InChild):
         self._stopping = True
         link = self.child.link
         if self.child.proc is not None and link is not None and not link.is_closing():
-            link.write(frame(("stop", 0, None)))
+            send(link, ("stop", 0, None))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(30):
                     await self._stopped.wait()

@@ -200,3 +200,22 @@ def test_router_in_the_main_process_still_routes_and_answers(relais, tmp_path: P
         assert (commit.get("MSA-1"), application.get("MSA-1")) == ("CA", "AA")
     wait_for(lambda: "Delivered" in topics(hub, "RPM-1"), what="delivery")
     assert [m.get("MSH-10") for m in received_by(partner)] == ["RPM-1"]
+
+
+async def test_a_frame_to_a_process_already_gone_is_dropped_not_raised() -> None:
+    """When the engine is killed, its children's next frame goes to a closed connection:
+    asyncio's transports drop it, uvloop's raise RuntimeError (which a router logged as an
+    error after every SIGKILL of the engine). `send` drops it on either loop."""
+    import asyncio
+
+    from engine.wire import send
+
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    send(writer, ("alive", 0, None))  # while it is open: written
+    writer.close()
+    await writer.wait_closed()
+    send(writer, ("append", 1, None))  # gone: dropped, no RuntimeError
+    server.close()
+    await server.wait_closed()

@@ -137,6 +137,7 @@ def main() -> int:
     ap.add_argument("--router-process", choices=["on", "off"], help="[routing] process (default: the engine's)")
     ap.add_argument("--writer-process", action="store_true", help="[ingest] writer_process = true")
     ap.add_argument("--commit-on-loop", choices=["on", "off"], help="[ingest] commit_on_loop (default: the engine's)")
+    ap.add_argument("--delivery-concurrency", type=int, help="[routing] delivery_concurrency (default 32)")
     ap.add_argument("--partner-down", action="store_true", help="the receiver comes up once the load has ended")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
@@ -161,11 +162,9 @@ def main() -> int:
                 if args.commit_on_loop
                 else ""
             )
-            + (
-                f"[routing]\nprocess = {'true' if args.router_process == 'on' else 'false'}\n"
-                if args.router_process
-                else ""
-            )
+            + "[routing]\n"
+            + (f"process = {'true' if args.router_process == 'on' else 'false'}\n" if args.router_process else "")
+            + (f"delivery_concurrency = {args.delivery_concurrency}\n" if args.delivery_concurrency else "")
             + f'[[listeners.mllp]]\nname = "mllp"\nport = {relais_port}\n'
             # Room for every load connection and the readiness probe's (default limit: 64).
             + f"max_connections = {max(64, args.connections + 8)}\n"

@@ -4,7 +4,8 @@ is on disk.
 `relais run` runs under strace (a tool we did not write). For every answer written on a
 connection (the MLLP ACK, the DICOM C-STORE response), the identifier it answers for (the
 control ID, the SOP Instance UID) must have been written to the store's write-ahead log and
-the log flushed (fsync/fdatasync completed) before the answer was sent. A SIGKILL test cannot
+the log flushed (fsync/fdatasync completed) before the answer was sent. The same for the
+REST API's 202 (its Location header names the new message). A SIGKILL test cannot
 see an answer sent a moment too early (the page cache survives the kill); this one can.
 """
 
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from hl7.client import MLLPClient
 from pydicom import dcmread
@@ -28,9 +30,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from connectors.rest import token_digest
 from engine.er7 import Er7Message
 from tests.conftest import adt
 from tests.dicom_files import sample
+from tests.test_rest_api import document
 
 
 def _strace_problem() -> str:
@@ -204,3 +208,29 @@ def test_every_dicom_success_leaves_after_its_instance_is_flushed(tmp_path: Path
     answered, early = _early_answers(traced.trace, sent, '"\\4\\0')
     assert answered == set(sent), "the trace misses C-STORE responses: it proves nothing"
     assert not early, f"{len(early)} Success status(es) sent before the instance was flushed to the WAL: {early[:3]}"
+
+
+def test_every_rest_acceptance_leaves_after_its_submission_is_flushed(tmp_path: Path) -> None:
+    """HTTP 202 (its Location names the new message) only once the message is on disk. The
+    mail listener's 250 cannot be seen this way: SMTP here is always inside TLS."""
+    token = "tok-durable-5e1c"
+    listener = (
+        'mllp = []\n[[listeners.http]]\nname = "http"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[[listeners.http.tokens]]\nname = "hospital"\nsha256 = "{token_digest(token)}"\nroles = ["sender"]\n'
+    )
+    traced = _run_traced(tmp_path, listener)
+    sent = []
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{traced.port}", headers={"Authorization": f"Bearer {token}"}
+        ) as c:
+            for n in range(15):
+                body = document(f"compte rendu {n}".encode())
+                r = c.post("/v1/submissions", json=body, headers={"Idempotency-Key": f"durable-{n}"})
+                assert r.status_code == 202, r.text
+                sent.append(r.json()["id"])
+    finally:
+        _stop(traced)
+    answered, early = _early_answers(traced.trace, sent, '"HTTP/1.1 202')
+    assert answered == set(sent), "the trace misses HTTP answers: it proves nothing"
+    assert not early, f"{len(early)} acceptance(s) sent before the submission was flushed to the WAL: {early[:3]}"

@@ -29,6 +29,7 @@ from engine import loop as event_loop
 from engine.config import DicomListener, MllpListener, RelaisConfig
 from engine.ingest import IngestUnavailable, Receipt, Submission, Writer
 from engine.wire import blob_synced, pack_receipt, pack_submission, read_frame, send, unpack_receipt, unpack_submission
+from event_store.blobs import remove_incomplete_writes
 
 __all__ = ["AcceptorPool", "IngestGateway", "RemoteIngestor"]
 
@@ -252,6 +253,12 @@ class AcceptorPool:
                 if not proc.is_alive():
                     log.error("acceptor_died", acceptor=n, exitcode=proc.exitcode)
                     self._procs[n] = self._spawn(n)
+                    # What it was receiving (spooled DICOM files, blobs half-written) was never
+                    # acknowledged: gone now, not at the next start of Relais.
+                    blob_dir = self.config.resolve(self.config.store.blob_dir)
+                    removed = await asyncio.to_thread(remove_incomplete_writes, blob_dir)
+                    if removed:
+                        log.warning("incomplete_blob_writes_removed", count=removed, acceptor=n)
 
     async def stop(self) -> None:
         if self._watch is not None:

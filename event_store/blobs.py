@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["BlobStore", "sha256_hex"]
+__all__ = ["BlobStore", "incomplete_writes", "remove_incomplete_writes", "sha256_hex"]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -41,23 +41,10 @@ class BlobStore:
         self._fsyncs.shutdown(wait=True)
 
     def incomplete_writes(self) -> list[Path]:
-        """Temporary files of writes that never finished, and spooled payloads never placed
-        (never acknowledged either): their writer process, named in the file name, is gone."""
-        stale = []
-        temporary = (*self.root.glob("??/.*.tmp"), *self.root.glob("??/??/.*.tmp"))
-        for path in (*temporary, *self.root.glob("spool/*.*.*")):
-            pid = path.name.rsplit(".", 2)[-2]
-            if not (pid.isdigit() and _process_alive(int(pid))):
-                stale.append(path)
-        return stale
+        return incomplete_writes(self.root)
 
     def remove_incomplete_writes(self) -> int:
-        """Delete what a killed writer left half-written; returns how many files went."""
-        removed = 0
-        for path in self.incomplete_writes():
-            path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        return remove_incomplete_writes(self.root)
 
     def path_of(self, sha256: str) -> Path:
         """Where a blob is stored; one stored by an earlier Relais (two folder levels) is
@@ -214,3 +201,25 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def incomplete_writes(root: Path) -> list[Path]:
+    """Temporary files of writes that never finished, and spooled payloads never placed
+    (never acknowledged either) under a blob folder: their writer process, named in the file
+    name, is gone."""
+    stale = []
+    temporary = (*root.glob("??/.*.tmp"), *root.glob("??/??/.*.tmp"))
+    for path in (*temporary, *root.glob("spool/*.*.*")):
+        pid = path.name.rsplit(".", 2)[-2]
+        if not (pid.isdigit() and _process_alive(int(pid))):
+            stale.append(path)
+    return stale
+
+
+def remove_incomplete_writes(root: Path) -> int:
+    """Delete what a killed writer left half-written; returns how many files went."""
+    removed = 0
+    for path in incomplete_writes(root):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

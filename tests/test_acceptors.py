@@ -111,3 +111,32 @@ def test_dicom_listeners_run_in_the_acceptors(relais, tmp_path: Path) -> None:
         ),
         "the refused association recorded",
     )
+
+
+def test_a_killed_acceptors_unacknowledged_files_go_when_it_is_replaced(relais, tmp_path: Path) -> None:
+    """A DICOM acceptor keeps spool files ready (and may be killed mid-write): once it is
+    dead and replaced, what it left is removed, not kept until Relais starts again."""
+    running = relais(listeners=dicom_listeners(), ingest={"acceptors": 1})
+    assert running.app.acceptors is not None
+    [pid] = running.app.acceptors.pids
+    small = sample("CT_small.dcm", tmp_path / "in")
+    done = dcmtk("storescu", "-aet", "MODALITY", "-aec", "RELAIS", "127.0.0.1", running.app.port_of("dicom"), small)
+    assert done.returncode == 0, done.stderr
+    blobs = running.store.blobs.root
+    half_written = blobs / "ab" / f".{'ab' * 32}.{pid}.tmp"
+    half_written.write_bytes(b"\x00" * 1000)  # what a kill in the middle of a blob write leaves
+    assert wait_for(lambda: list(blobs.glob(f"spool/*.{pid}.*")), "the acceptor's spool files made ahead")
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: running.app.acceptors.pids != [pid], "a new acceptor")
+    assert wait_for(
+        lambda: not list(blobs.glob(f"spool/*.{pid}.*")) and not half_written.exists(),
+        "the dead acceptor's files removed",
+    )
+    port = running.app.port_of("dicom")
+    resend = ("storescu", "-aet", "MODALITY", "-aec", "RELAIS", "127.0.0.1", port, small)
+    assert wait_for(lambda: dcmtk(*resend).returncode == 0, "the new acceptor takes the instance again")
+    [row] = running.store.query("SELECT payload_sha256 FROM relais_messages WHERE status = 'accepted'")
+    assert (
+        dcmread(io.BytesIO(running.store.payload(row["payload_sha256"]))).SOPInstanceUID
+        == dcmread(small).SOPInstanceUID
+    )

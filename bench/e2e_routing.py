@@ -197,6 +197,12 @@ def main() -> int:
             rproc.join(10)
     lags = [(delivered[c] - t) * 1000 for c, t in acked.items() if c in delivered]
     last = max(delivered.values(), default=start)
+    # Both rates count from the first ACK: ingest/s to the last ACK, deliv/s to the last
+    # delivery. Until §25 ingest/s divided by --duration (each connection counts it from its
+    # own start: read high) and deliv/s counted from the start of the load's process (read
+    # low by its ~0.5 s start-up).
+    first = min(acked.values(), default=start)
+    intake = len(acked) / max(1e-9, max(acked.values(), default=first) - first)
     per_process = {name: (t - ticks0.get(name, 0)) / CLK_TCK for name, t in ticks1.items()}
     cpu_ms = 1000 * sum(per_process.values()) / max(1, len(lags))
     # Where the CPU went: a process near 100 % of one core is the limit.
@@ -216,7 +222,7 @@ def main() -> int:
     print(f"{'acked':>8} {'ingest/s':>9} {'delivered':>10} {'deliv/s':>8} {'lag p50 ms':>11} {'lag p99 ms':>11}"
           f" {'lag max ms':>11} {'lost':>5} {'twice':>5} {'cpu ms/msg':>10}")  # fmt: skip
     print(
-        f"{len(acked):>8} {len(acked) / args.duration:>9.0f} {len(lags):>10} {len(lags) / (last - start):>8.0f} "
+        f"{len(acked):>8} {intake:>9.0f} {len(lags):>10} {len(lags) / max(1e-9, last - first):>8.0f} "
         f"{pct(lags, 50):>11.1f} {pct(lags, 99):>11.1f} {max(lags, default=0):>11.1f} "
         f"{len(acked) - len(lags):>5} {frames - len(delivered):>5} {cpu_ms:>10.2f}"
     )

@@ -24,9 +24,9 @@ from connectors.mllp import MllpServer
 from connectors.rest import RestServer
 from engine.acceptors import AcceptorPool, IngestGateway
 from engine.config import DicomListener, MllpListener, RelaisConfig, TlsSettings
-from engine.delivery import DeliveryWorkers, Target
+from engine.delivery import DeliveryWorkers, build_targets, close_targets
 from engine.hl7_intake import Hl7Intake
-from engine.identity_feed import IdentityDestination, ensure_identity_tables
+from engine.identity_feed import ensure_identity_tables
 from engine.indexer import SearchIndexer
 from engine.ingest import Ingestor, Submitter, Writer
 from engine.loop import loop_kind
@@ -104,41 +104,23 @@ class RelaisApp:
     def routes_dir(self) -> Path:
         return self.config.resolve(self.config.routing.routes_dir)
 
-    def _targets(self, channels: list[Channel]) -> dict[tuple[str, str], Target]:
-        from connectors.registry import build_destination
-
-        targets = {
-            (channel.name, spec.name): Target(
-                spec, build_destination(spec.name, spec.type, spec.settings, channel.path.parent)
-            )
-            for channel in channels
-            for spec in channel.destinations
-        }
-        for target in targets.values():
-            if isinstance(target.destination, IdentityDestination):  # writes a read model: needs the engine
-                assert self.store is not None and self.ingestor is not None
-                target.destination.bind(self.store, self.ingestor)
-        for target in targets.values():  # DICOM destinations read a study's instances from the store
-            if hasattr(target.destination, "payload_loader") and self.store is not None:
-                target.destination.payload_loader = self.store.payload
-        return targets
-
     async def reload_routes(self) -> list[str]:
         """Load routes/ again; a bad file is refused and the running routes stay."""
-        if self.delivery is None:
+        if self.decisions is None:
             raise RuntimeError("routing is not running")
         channels = await asyncio.to_thread(load_channels, self.routes_dir)
-        old = self.delivery.targets
-        self.delivery.reload(self._targets(channels))
         self.channels = channels
-        if self.router_process is not None:
+        if self.router_process is not None:  # its delivery workers too
             await self.router_process.reload(channels)
         if self.router is not None:
             self.router.reload(channels)
+        if self.delivery is not None:
+            assert self.store is not None and self.ingestor is not None
+            old = self.delivery.targets
+            self.delivery.reload(build_targets(channels, self.store, self.ingestor))
+            await close_targets(old)
         if self.study_router is not None:
             self.study_router.reload(channels)
-        for target in old.values():
-            await target.destination.close()
         log.info("routes_reloaded", channels=[c.name for c in channels])
         return [c.name for c in channels]
 
@@ -176,16 +158,17 @@ class RelaisApp:
             channels = await asyncio.to_thread(load_channels, self.routes_dir)  # RouteError: refuse to start
             self.channels = channels
             self.decisions = RoutingDecisions(self.store)
-            self.delivery = DeliveryWorkers(
-                self.store, self.ingestor, self._targets(channels), cfg.routing.delivery_concurrency
-            )
-            if cfg.routing.process:
+            if cfg.routing.process:  # routing and delivery in the router process
                 self.router_process = RouterProcess(cfg, self.ingestor, self.decisions, channels)
                 await self.router_process.start()
             else:
                 self.router = Router(self.store, self.ingestor, channels, self.decisions)
                 await self.router.start()
-            await self.delivery.start()
+                self.delivery = DeliveryWorkers(
+                    self.store, self.ingestor, build_targets(channels, self.store, self.ingestor),
+                    cfg.routing.delivery_concurrency,
+                )  # fmt: skip
+                await self.delivery.start()
         if self.router_process is None:  # else the router process keeps the search index
             self.indexer = SearchIndexer(self.store, self.ingestor)
             await self.indexer.start()

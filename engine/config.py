@@ -224,7 +224,8 @@ class RoutingSettings(_Strict):
     enabled: bool = True
     delivery_concurrency: int = Field(32, gt=0)
     process: bool = Field(
-        True, description="run the router in its own process (its reads and planning off the writer's GIL)"
+        True,
+        description="run the router and the delivery workers in their own process (off the writer's GIL)",
     )
 
 

@@ -28,14 +28,14 @@ from connectors.destination import (
     TemporaryFailure,
     max_in_flight,
 )  # fmt: skip
-from engine.ingest import Appendix, Writer
+from engine.ingest import Appender, Appendix
 from engine.outbox import OPEN_ROWS, OUTBOX_REOPEN, OUTBOX_UPDATE, OutboxIndex
-from engine.routes import DestinationSpec
+from engine.routes import Channel, DestinationSpec
 from engine.tasks import cancel_and_wait, in_thread
 from event_store import Event, EventStore
 from event_store.events import DeadLettered, Delivered, DeliveryAttempted, DeliveryFailed, Redelivered
 
-__all__ = ["DELIVERY_ROWS", "DeliveryWorkers", "Target", "backoff_delay"]
+__all__ = ["DELIVERY_ROWS", "DeliveryWorkers", "Target", "backoff_delay", "build_targets", "close_targets"]
 
 log = structlog.get_logger("relais.delivery")
 
@@ -63,6 +63,31 @@ class Target:
     destination: Destination
 
 
+def build_targets(channels: list[Channel], store: EventStore, writer: Appender) -> dict[tuple[str, str], Target]:
+    """The destinations of the channels, per (channel, destination), ready to deliver in
+    the process that owns `store` and `writer` (the engine, or the router process)."""
+    from connectors.registry import build_destination
+    from engine.identity_feed import IdentityDestination
+
+    targets = {
+        (channel.name, spec.name): Target(spec, build_destination(spec.name, spec.type, spec.settings,
+                                                                  channel.path.parent))
+        for channel in channels
+        for spec in channel.destinations
+    }  # fmt: skip
+    for target in targets.values():
+        if isinstance(target.destination, IdentityDestination):  # writes a read model
+            target.destination.bind(store, writer)
+        if hasattr(target.destination, "payload_loader"):  # DICOM: a study's instances
+            target.destination.payload_loader = store.payload
+    return targets
+
+
+async def close_targets(targets: Mapping[tuple[str, str], Target]) -> None:
+    for target in targets.values():
+        await target.destination.close()
+
+
 def backoff_delay(attempt: int, spec: DestinationSpec, rng: random.Random | None = None) -> float:
     """Seconds before attempt `attempt + 1`: exponential, capped, with ±20 % jitter."""
     base = min(spec.backoff_max, spec.backoff_initial * (2 ** (attempt - 1)))
@@ -77,7 +102,7 @@ class DeliveryWorkers:
     def __init__(
         self,
         store: EventStore,
-        ingestor: Writer,
+        ingestor: Appender,
         targets: Mapping[tuple[str, str], Target],
         concurrency: int = 32,
     ) -> None:
@@ -119,8 +144,7 @@ class DeliveryWorkers:
         self._task = None
         if self._attempts:
             await asyncio.wait(self._attempts, timeout=10)
-        for target in self.targets.values():
-            await target.destination.close()
+        await close_targets(self.targets)
 
     def _committed(self, appendices: list[Appendix]) -> None:
         if not appendices:  # commits may have gone unseen (engine/writer_process.py)

@@ -38,6 +38,9 @@ class LogFollower:
     # With nothing new, read again after the next commit or after this long at the latest
     # (a follower whose work also comes from the clock sets it to its tick).
     wake_interval = 1.0
+    # Plan the next round while the previous one commits (see `_run`): only for a follower
+    # whose `plan` does not read what its own previous appendix writes.
+    pipelined = False
 
     def __init__(self, store: EventStore, ingestor: Appender) -> None:
         self.store = store
@@ -46,6 +49,7 @@ class LogFollower:
         self.batch_size = 500
         self._signal = ingestor.commit_signal()
         self._task: asyncio.Task[None] | None = None
+        self._sending: asyncio.Task[bool] | None = None  # the append of the round planned last
 
     def plan(self, after: int) -> tuple[Appendix, int]:
         """On a worker thread: what to append for the log after `after`, and the new position.
@@ -78,21 +82,42 @@ class LogFollower:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        if self._sending is not None:  # a pipelined round's append: its outcome, or 10 s
+            await asyncio.wait({self._sending}, timeout=10)
+            await cancel_and_wait(self._sending)
+            self._sending = None
 
     def _load_position(self) -> int:
         rows = self.store.query("SELECT position FROM relais_tracking WHERE name = ?", [self.name])
         return int(rows[0]["position"]) if rows else 0
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A pipelined follower plans its next round while the previous one's append is
+        # being committed; that append must succeed before the next is sent, else the
+        # plan is dropped and made again from the position committed: exactly once holds.
+        planned = self.position  # where the next round reads from
         while True:
+            started = loop.time()
+            planning_failed = False
             try:
-                appendix, position = await in_thread(self.plan, self.position)
+                appendix, position = await in_thread(self.plan, planned)
             except Exception as e:
                 log.error("follower_failed", follower=self.name, error=type(e).__name__, detail=str(e)[:200])
+                appendix, position, planning_failed = Appendix(), planned, True
                 await asyncio.sleep(1.0)
+            if self._sending is not None:
+                sent = await self._sending
+                self._sending = None
+                if not sent:  # the store is unavailable: the same part of the log again later
+                    planned = self.position
+                    await asyncio.sleep(1.0)
+                    continue
+            if planning_failed:
                 continue
             if not (appendix.events or appendix.statements or appendix.payloads):
                 moved, self.position = position != self.position, position
+                planned = position
                 if moved:  # only read past other topics: nothing to record
                     if self.idle_interval:
                         await asyncio.sleep(self.idle_interval)
@@ -104,13 +129,27 @@ class LogFollower:
                 except TimeoutError:
                     pass
                 continue
-            try:
-                await self.ingestor.append(appendix)
-            except Exception as e:  # the store is unavailable: the same part of the log again later
-                log.error("follower_not_recorded", follower=self.name, error=type(e).__name__)
-                await asyncio.sleep(1.0)
-                continue
-            self.position = position
-            self.committed(appendix)
-            if self.min_interval:
-                await asyncio.sleep(self.min_interval)
+            self._sending = asyncio.create_task(self._append(appendix, position))
+            planned = position
+            if not self.pipelined:
+                sent = await self._sending
+                self._sending = None
+                if not sent:
+                    planned = self.position
+                    await asyncio.sleep(1.0)
+                    continue
+            # The interval counts from the start of this round: its read and planning (and
+            # commit, unless pipelined) took part of it already (all of it, under load).
+            rest = self.min_interval - (loop.time() - started)
+            if rest > 0:
+                await asyncio.sleep(rest)
+
+    async def _append(self, appendix: Appendix, position: int) -> bool:
+        try:
+            await self.ingestor.append(appendix)
+        except Exception as e:
+            log.error("follower_not_recorded", follower=self.name, error=type(e).__name__)
+            return False
+        self.position = position
+        self.committed(appendix)
+        return True

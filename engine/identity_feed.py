@@ -26,7 +26,7 @@ from connectors.destination import Delivery, DeliveryOutcome, PermanentFailure, 
 from connectors.registry import KINDS, DestinationKind
 from engine.er7 import Er7Error, Er7Message
 from engine.hl7_intake import decode_hl7, read_identifiers
-from engine.ingest import Appendix, IngestUnavailable, Writer, uuid7
+from engine.ingest import Appender, Appendix, IngestUnavailable, uuid7
 from engine.tasks import in_thread
 from event_store import EventStore
 from event_store.events import IdentityUpdated
@@ -115,11 +115,11 @@ class IdentityDestination:
         self.name = name
         self.settings = settings
         self._store: EventStore | None = None
-        self._ingestor: Writer | None = None
+        self._ingestor: Appender | None = None
         self._lock = asyncio.Lock()  # one change at a time: each reads what the previous wrote
         self.max_in_flight = 1
 
-    def bind(self, store: EventStore, ingestor: Writer) -> None:
+    def bind(self, store: EventStore, ingestor: Appender) -> None:
         self._store = store
         self._ingestor = ingestor
 

@@ -129,11 +129,14 @@ _Item = tuple[Submission | Appendix, asyncio.Future[Any]]
 
 class Appender(Protocol):
     """What a follower of the log needs: the local Ingestor, or the router process's link
-    to the writer (engine/router_process.py)."""
+    to the writer (engine/router_process.py). `on_commit` watchers see the appendices of
+    every commit; through the link, its own and the outbox's statements of the others."""
 
     async def append(self, appendix: Appendix) -> None: ...
 
     def commit_signal(self) -> asyncio.Event: ...
+
+    def on_commit(self, watcher: Callable[[list[Appendix]], None]) -> None: ...
 
 
 class Submitter(Protocol):
@@ -145,8 +148,6 @@ class Submitter(Protocol):
 class Writer(Appender, Submitter, Protocol):
     """The single writer as the engine's components use it: the Ingestor in this process,
     or the link to the writer process (engine/writer_process.py)."""
-
-    def on_commit(self, watcher: Callable[[list[Appendix]], None]) -> None: ...
 
     async def start(self) -> None: ...
 

@@ -13,7 +13,7 @@ __all__ = ["cancel_and_wait", "in_thread"]
 T = TypeVar("T")
 
 
-async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel a background task and wait until it has really stopped."""
     if task is None:
         return

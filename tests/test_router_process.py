@@ -1,6 +1,6 @@
-"""The router in its own process (`[routing] process = true`): messages are routed and
-delivered once and in order per key across engine restarts and router process deaths,
-application ACKs still come, a reload reaches the router process."""
+"""The router in its own process (`[routing] process = true`, with the delivery workers):
+messages are routed and delivered once and in order per key across engine restarts and
+router process deaths, application ACKs still come, a reload reaches the router process."""
 
 from __future__ import annotations
 
@@ -162,15 +162,19 @@ def test_application_acks_come_with_the_router_in_its_own_process(relais, tmp_pa
 
 
 def test_reload_reaches_the_router_process(relais, tmp_path: Path) -> None:
-    partner = relais()
+    # The router process delivers too: a reload changes its transforms and its destinations.
+    partner, moved = relais(), relais()
     routes = tmp_path / "routes"
     channel_file(routes, partner.port)
     hub = hub_in_processes(relais, tmp_path)
-    channel_file(routes, partner.port, extra='[[transform]]\nset = "MSH-6"\nvalue = "RELOADED"')
+    assert send(hub.port, adt("A01", control_id="RPL-0")) == "AA"
+    wait_for(lambda: "Delivered" in topics(hub, "RPL-0"), what="delivery")
+    channel_file(routes, moved.port, extra='[[transform]]\nset = "MSH-6"\nvalue = "RELOADED"')
     assert hub.loop_call(hub.app.reload_routes()) == ["to-partner"]
     assert send(hub.port, adt("A01", control_id="RPL-1")) == "AA"
     wait_for(lambda: "Delivered" in topics(hub, "RPL-1"), what="delivery")
-    assert received_by(partner)[-1].get("MSH-6") == "RELOADED"
+    assert [m.get("MSH-10") for m in received_by(partner)] == ["RPL-0"]
+    assert [(m.get("MSH-10"), m.get("MSH-6")) for m in received_by(moved)] == [("RPL-1", "RELOADED")]
 
 
 def test_router_process_on_a_postgresql_store(relais, tmp_path: Path, pg_url: str) -> None:

@@ -233,12 +233,20 @@ class RouterProcess(InChild):
     async def start(self) -> None:
         await self.child.listen()
         await self.child.spawn()
+        self._read_outbox_again()
         self._tasks = [
             asyncio.create_task(self._notify_commits(), name="relais-router-notify"),
             asyncio.create_task(
-                self.child.supervise(self._sent_committed, lambda: None), name="relais-router-supervise"
+                self.child.supervise(self._sent_committed, self._read_outbox_again), name="relais-router-supervise"
             ),
         ]
+
+    def _read_outbox_again(self) -> None:
+        """A process that just said hello read the open deliveries before it did: what was
+        committed in between was sent to no one. It reads them again now."""
+        link = self.child.link
+        if link is not None:
+            send(link, ("outbox", 0, None))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

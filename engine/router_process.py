@@ -83,10 +83,20 @@ class RemoteAppender:
         await fut
 
     def _send_appends(self) -> None:
-        batch, self._unsent = self._unsent, []
-        request_id = next(self._ids)
-        self._waiting[request_id] = batch
-        send(self._writer, ("append", request_id, [pack_appendix(a) for a, _ in batch]))
+        batch: list[tuple[Appendix, asyncio.Future[None]]] = []
+        packed: list[Any] = []
+        for appendix, fut in self._unsent:
+            try:
+                packed.append(pack_appendix(appendix))
+            except Exception as e:  # an event that cannot be encoded: its caller is told, not left waiting
+                fut.set_exception(IngestUnavailable(f"not encodable: {type(e).__name__}"))
+                continue
+            batch.append((appendix, fut))
+        self._unsent = []
+        if batch:
+            request_id = next(self._ids)
+            self._waiting[request_id] = batch
+            send(self._writer, ("append", request_id, packed))
 
     def _appended(self, request_id: int, results: list[tuple[str, Any]]) -> None:
         batch = self._waiting.pop(request_id, [])
@@ -101,8 +111,8 @@ class RemoteAppender:
 
     def _committed(self, appendices: list[Appendix], *, unseen: bool = False) -> None:
         """Watchers first (the delivery workers' outbox index), then the commit signals.
-        `unseen`: commits went by unseen (the main process's writer process), the watchers
-        get [] and read the outbox again."""
+        `unseen`: commits went by unseen (this process's start, a restart of the main
+        process's writer process), the watchers get [] and read the outbox again."""
         if appendices or unseen:
             for watcher in self._watchers:
                 try:

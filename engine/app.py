@@ -24,7 +24,7 @@ from connectors.mllp import MllpServer
 from connectors.rest import RestServer
 from engine.acceptors import AcceptorPool, IngestGateway
 from engine.config import DicomListener, MllpListener, RelaisConfig, TlsSettings
-from engine.delivery import DeliveryWorkers, build_targets, close_targets
+from engine.delivery import DeliveryWorkers
 from engine.hl7_intake import Hl7Intake
 from engine.identity_feed import ensure_identity_tables
 from engine.indexer import SearchIndexer
@@ -33,6 +33,7 @@ from engine.loop import loop_kind
 from engine.router import Router, RoutingDecisions
 from engine.router_process import RouterProcess
 from engine.routes import Channel, RouteError, load_channels
+from engine.targets import build_targets
 from engine.writer_process import WriterProcess
 from event_store import EventStore
 
@@ -116,9 +117,7 @@ class RelaisApp:
             self.router.reload(channels)
         if self.delivery is not None:
             assert self.store is not None and self.ingestor is not None
-            old = self.delivery.targets
-            self.delivery.reload(build_targets(channels, self.store, self.ingestor))
-            await close_targets(old)
+            await self.delivery.reload(build_targets(channels, self.store, self.ingestor))
         if self.study_router is not None:
             self.study_router.reload(channels)
         log.info("routes_reloaded", channels=[c.name for c in channels])

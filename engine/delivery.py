@@ -23,19 +23,19 @@ import structlog
 from connectors.destination import (
     Delivery,
     DeliveryOutcome,
-    Destination,
     PermanentFailure,
     TemporaryFailure,
     max_in_flight,
 )  # fmt: skip
 from engine.ingest import Appender, Appendix
 from engine.outbox import OPEN_ROWS, OUTBOX_REOPEN, OUTBOX_UPDATE, OutboxIndex
-from engine.routes import Channel, DestinationSpec
+from engine.routes import DestinationSpec
+from engine.targets import Target, close_targets
 from engine.tasks import cancel_and_wait, in_thread
 from event_store import Event, EventStore
 from event_store.events import DeadLettered, Delivered, DeliveryAttempted, DeliveryFailed, Redelivered
 
-__all__ = ["DELIVERY_ROWS", "DeliveryWorkers", "Target", "backoff_delay", "build_targets", "close_targets"]
+__all__ = ["DELIVERY_ROWS", "DeliveryWorkers", "backoff_delay"]
 
 log = structlog.get_logger("relais.delivery")
 
@@ -53,39 +53,6 @@ LEFT JOIN relais_delivery_details dd ON dd.delivery_id = o.delivery_id
 LEFT JOIN relais_messages m ON m.message_id = o.message_id
 WHERE o.delivery_id IN ({})
 """
-
-
-@dataclass(frozen=True)
-class Target:
-    """A configured destination of a channel and how to treat its failures."""
-
-    spec: DestinationSpec
-    destination: Destination
-
-
-def build_targets(channels: list[Channel], store: EventStore, writer: Appender) -> dict[tuple[str, str], Target]:
-    """The destinations of the channels, per (channel, destination), ready to deliver in
-    the process that owns `store` and `writer` (the engine, or the router process)."""
-    from connectors.registry import build_destination
-    from engine.identity_feed import IdentityDestination
-
-    targets = {
-        (channel.name, spec.name): Target(spec, build_destination(spec.name, spec.type, spec.settings,
-                                                                  channel.path.parent))
-        for channel in channels
-        for spec in channel.destinations
-    }  # fmt: skip
-    for target in targets.values():
-        if isinstance(target.destination, IdentityDestination):  # writes a read model
-            target.destination.bind(store, writer)
-        if hasattr(target.destination, "payload_loader"):  # DICOM: a study's instances
-            target.destination.payload_loader = store.payload
-    return targets
-
-
-async def close_targets(targets: Mapping[tuple[str, str], Target]) -> None:
-    for target in targets.values():
-        await target.destination.close()
 
 
 def backoff_delay(attempt: int, spec: DestinationSpec, rng: random.Random | None = None) -> float:
@@ -125,11 +92,13 @@ class DeliveryWorkers:
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
 
-    def reload(self, targets: Mapping[tuple[str, str], Target]) -> None:
-        self.targets = dict(targets)
+    async def reload(self, targets: Mapping[tuple[str, str], Target]) -> None:
+        """Deliver to `targets` from now on; the old destinations are closed."""
+        old, self.targets = self.targets, dict(targets)
         self._gates.clear()  # attempts under way release the gates they took
         self._breakers.clear()  # a changed destination is tried again at once
         self._outbox.requeue_all()  # keys whose channel had gone may have one again
+        await close_targets(old)
 
     async def start(self) -> None:
         # Watch the commits before reading the open rows: none is missed in between (the

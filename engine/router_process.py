@@ -146,10 +146,11 @@ class RemoteAppender:
 
 def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]) -> None:
     """The body of the router process."""
-    from engine.delivery import DeliveryWorkers, build_targets, close_targets
+    from engine.delivery import DeliveryWorkers
     from engine.indexer import SearchIndexer
     from engine.logs import configure_logging, name_process
     from engine.router import Router
+    from engine.targets import build_targets
 
     configure_logging(config.log.level, config.log.format)
     name_process("relais-router")
@@ -188,10 +189,8 @@ def _router_main(config: RelaisConfig, socket_path: str, channels: list[Channel]
                     remote.answer(request_id, ("refused", f"{type(e).__name__}: {e}"))
                     continue
                 router.reload(new)
-                old = delivery.targets
-                delivery.reload(targets)
+                await delivery.reload(targets)
                 remote.answer(request_id, ("ok", [c.name for c in new]))
-                await close_targets(old)
 
         reloading = asyncio.create_task(reloads())
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(remote.closed.wait())]

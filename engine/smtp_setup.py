@@ -17,10 +17,10 @@ import structlog
 
 from connectors.smtp import PasswordCheck, SmtpServer, hash_password
 from engine.config import RelaisConfig, SmtpListener
-from engine.delivery import Target
 from engine.ingest import Submitter, Writer
 from engine.mail_intake import MailIntake
 from engine.mdn import MDN_CHANNEL, MdnDelivery, MdnPlanner
+from engine.targets import Target
 from event_store import EventStore
 
 __all__ = ["DEV_USER", "MailServices", "dev_certificate", "smtp_servers"]

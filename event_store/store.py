@@ -192,7 +192,9 @@ class EventStore:
     def close(self) -> None:
         self._closed.set()
         if self._checkpoints:
-            self._checkpointer.join(5)
+            # Until its checkpoint is done: its connection is closed below. A checkpoint
+            # waits for no one long (recorders.py: RESTART_WAIT_MS), its copy is bounded.
+            self._checkpointer.join()
             try:
                 self.recorder.checkpoint()
             except Exception as e:

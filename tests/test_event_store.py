@@ -291,3 +291,78 @@ def test_a_statement_of_many_rows_writes_what_one_statement_per_row_would(sql, r
         query = f"SELECT * FROM {table} ORDER BY rowid"
         assert actual.execute(query).fetchall() == expected.execute(query).fetchall()
     assert len(seen) == statements
+
+
+# -- the SQLite write-ahead log ------------------------------------------------------------
+
+
+def _wal_restarts(db: Path) -> int:
+    """The WAL header's checkpoint sequence number: how often the log has started over."""
+    with open(f"{db}-wal", "rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+def test_a_store_that_never_rests_still_has_its_write_ahead_log_start_over(tmp_path: Path) -> None:
+    # Commits one after another while another connection keeps reading (the router process
+    # does): checkpoints must let the log start over from its beginning, or it grows with
+    # every commit for as long as the load lasts (a gigabyte in 18 s of the e2e bench).
+    import threading
+
+    db = tmp_path / "store.db"
+    store = EventStore.open(f"sqlite:///{db}", tmp_path / "blobs", checkpoint_interval=0.05)
+    reader = EventStore.open(f"sqlite:///{db}", tmp_path / "blobs", checkpoints=False)
+    stop = threading.Event()
+
+    def keep_reading() -> None:
+        while not stop.is_set():
+            reader.query("SELECT count(*) AS n FROM relais_messages")
+
+    thread = threading.Thread(target=keep_reading)
+    thread.start()
+    try:
+        one_message(store, b"MSH|first", "first")
+        before = _wal_restarts(db)
+        for i in range(600):
+            one_message(store, b"MSH|" + str(i).encode() * 200, str(i))
+        restarts = _wal_restarts(db) - before
+    finally:
+        stop.set()
+        thread.join()
+        reader.close()
+        store.close()
+    assert restarts >= 2
+    reopened = EventStore.open(f"sqlite:///{db}", tmp_path / "blobs")
+    try:
+        assert reopened.query("SELECT count(*) AS n FROM relais_messages")[0]["n"] == 601
+        assert reopened.verify_chain().ok
+    finally:
+        reopened.close()
+
+
+def test_a_reader_that_holds_its_snapshot_does_not_hold_the_checkpoint_or_the_commits(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    db = tmp_path / "store.db"
+    store = EventStore.open(f"sqlite:///{db}", tmp_path / "blobs", checkpoints=False)
+    slow = sqlite3.connect(db, isolation_level=None)
+    done = threading.Event()
+    checkpoint = threading.Thread(target=lambda: (store.recorder.checkpoint(), done.set()))
+    try:
+        one_message(store, b"MSH|one", "1")
+        slow.execute("BEGIN")
+        assert slow.execute("SELECT count(*) FROM relais_messages").fetchone() == (1,)
+        one_message(store, b"MSH|two", "2")  # the slow reader still reads the WAL
+        checkpoint.start()
+        checkpoint.join(5)  # the store's busy timeout is 10 s: a stuck checkpoint is still here
+        assert done.is_set()
+        one_message(store, b"MSH|three", "3")
+        assert slow.execute("SELECT count(*) FROM relais_messages").fetchone() == (1,)  # its snapshot
+        slow.execute("COMMIT")
+        assert store.query("SELECT count(*) AS n FROM relais_messages")[0]["n"] == 3
+    finally:
+        if checkpoint.is_alive():
+            slow.execute("COMMIT")  # let it end before its connection is closed
+            checkpoint.join()
+        slow.close()
+        store.close()

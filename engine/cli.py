@@ -196,11 +196,14 @@ def _cmd_status(config: RelaisConfig, args: argparse.Namespace) -> int:
             "SELECT channel, destination, state, COUNT(*) AS n FROM relais_outbox "
             "GROUP BY channel, destination, state ORDER BY channel, destination, state"
         )
+        failing = _failing_destinations(store)
     finally:
         store.close()
     by_status = {r["status"]: {"count": r["n"], "last_received_at": r["last"]} for r in messages}
     lag = {r["name"]: {"position": r["position"], "behind": head - r["position"]} for r in followers}
-    status: dict[str, Any] = {"log_position": head, "messages": by_status, "followers": lag, "outbox": outbox}
+    status: dict[str, Any] = {
+        "log_position": head, "messages": by_status, "followers": lag, "outbox": outbox, "failing": failing,
+    }  # fmt: skip
     if args.json:
         sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -211,7 +214,35 @@ def _cmd_status(config: RelaisConfig, args: argparse.Namespace) -> int:
         print(f"follower {name}: at {info['position']}, {info['behind']} event(s) behind")
     for row in outbox:
         print(f"outbox {row['channel']}/{row['destination']} {row['state']}: {row['n']}")
+    for f in failing:
+        print(f"failing {f['channel']}/{f['destination']}: {f['deliveries']} pending delivery(ies) failed their "
+              f"last attempt, the latest at {f['last_failed_at']}: {f['last_error']} "
+              f"(next attempt from {f['next_attempt_at']})")  # fmt: skip
     return 0
+
+
+def _failing_destinations(store: EventStore) -> list[dict[str, Any]]:
+    """Destinations with pending deliveries whose last attempt failed: the partner that is
+    down shows here with its last error, even while its other deliveries wait untried
+    (suspended, README: Routing)."""
+    rows = store.query(
+        "SELECT channel, destination, COUNT(*) AS n, MAX(updated_at) AS last, MIN(next_attempt_at) AS next "
+        "FROM relais_outbox WHERE state = 'pending' AND attempts > 0 "
+        "GROUP BY channel, destination ORDER BY channel, destination"
+    )
+    out = []
+    for r in rows:
+        latest = store.query(
+            "SELECT last_error FROM relais_outbox WHERE channel = ? AND destination = ? AND state = 'pending' "
+            "AND attempts > 0 ORDER BY updated_at DESC LIMIT 1",
+            [r["channel"], r["destination"]],
+        )
+        out.append({
+            "channel": r["channel"], "destination": r["destination"], "deliveries": r["n"],
+            "last_failed_at": r["last"], "next_attempt_at": r["next"],
+            "last_error": latest[0]["last_error"] if latest else "",
+        })  # fmt: skip
+    return out
 
 
 def _routes_dir(config: RelaisConfig, args: argparse.Namespace) -> Path:
@@ -471,7 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_show)
     sub.add_parser("verify", help="check the hash chain of the whole log").set_defaults(func=_cmd_verify)
     sub.add_parser("check", help="check payloads: missing ones and orphan blobs").set_defaults(func=_cmd_check)
-    st = sub.add_parser("status", help="volumes, follower lag and outbox per destination")
+    st = sub.add_parser("status", help="volumes, follower lag, outbox per destination, failing destinations")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
     routes = sub.add_parser("routes", help="channels in routes/").add_subparsers(dest="what", required=True)

@@ -455,6 +455,12 @@ def test_status_shows_volumes_follower_lag_and_outbox(relais, tmp_path: Path) ->
     assert status["messages"]["accepted"]["count"] == 1 and status["messages"]["reject"]["count"] == 1
     assert status["followers"]["router"]["position"] >= 1
     assert {"channel": "to-partner", "destination": "partner", "state": "pending", "n": 1} in status["outbox"]
+    # The partner is down: status names it, with the error of its latest attempt.
+    [failing] = status["failing"]
+    assert (failing["channel"], failing["destination"], failing["deliveries"]) == ("to-partner", "partner", 1)
+    assert "refused" in failing["last_error"].lower() and failing["next_attempt_at"] >= failing["last_failed_at"]
+    text = subprocess.run([RELAIS, "--config", str(config), "status"], capture_output=True, text=True, timeout=60)
+    assert "failing to-partner/partner: 1 pending" in text.stdout
 
 
 def test_a_partner_that_never_answers_does_not_hold_other_destinations(relais, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from uuid import UUID
 import orjson
 
 from engine import loop as event_loop
+from engine.cli_identity import cmd_identity_duplicates, cmd_identity_show
+from engine.cli_routes import cmd_routes_check, cmd_routes_reload, cmd_routes_test, cmd_routes_try
 from engine.config import ConfigError, RelaisConfig, load_config
 from engine.logs import configure_logging
 from event_store import EventStore
@@ -245,91 +247,6 @@ def _failing_destinations(store: EventStore) -> list[dict[str, Any]]:
     return out
 
 
-def _routes_dir(config: RelaisConfig, args: argparse.Namespace) -> Path:
-    return Path(args.routes) if getattr(args, "routes", None) else config.resolve(config.routing.routes_dir)
-
-
-def _cmd_routes_check(config: RelaisConfig, args: argparse.Namespace) -> int:
-    from engine.routes import RouteError, load_channels
-
-    folder = _routes_dir(config, args)
-    try:
-        channels = load_channels(folder)
-    except RouteError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    for c in channels:
-        state = "" if c.spec.enabled else " (disabled)"
-        dests = ", ".join(f"{d.name}:{d.type}" for d in c.destinations)
-        print(f"{c.name}{state}: {c.path.name} -> {dests}")
-    print(f"{len(channels)} channel(s) OK in {folder}")
-    return 0
-
-
-def _cmd_routes_test(config: RelaisConfig, args: argparse.Namespace) -> int:
-    from engine.route_tools import run_route_tests
-    from engine.routes import RouteError, load_channels
-
-    try:
-        channels = load_channels(_routes_dir(config, args))
-    except RouteError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    outcomes = run_route_tests(channels)
-    for o in outcomes:
-        print(f"{'PASS' if o.ok else 'FAIL'}  {o.channel}: {o.name}")
-        for problem in o.problems:
-            print(f"      {problem}")
-    failed = sum(not o.ok for o in outcomes)
-    print(f"{len(outcomes) - failed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
-def _cmd_routes_try(config: RelaisConfig, args: argparse.Namespace) -> int:
-    from engine.route_tools import describe_changes, dry_run
-    from engine.routes import RouteError, load_channel
-
-    try:
-        channel = load_channel(Path(args.file))
-    except RouteError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    store = _open_store(config)
-    try:
-        report = dry_run(store, channel, args.since, args.until, args.samples)
-    finally:
-        store.close()
-    print(f"dry-run of channel {channel.name} ({args.file}) on messages since {args.since}: nothing was sent")
-    print(f"messages examined: {report.examined}, routed: {report.routed}, not routed: "
-          f"{report.examined - report.routed}")  # fmt: skip
-    print("would deliver:")
-    for dest, count in sorted(report.per_destination.items()):
-        print(f"  {dest}: {count}")
-    if report.misses:
-        print("filter misses (first failing test):")
-        for reason, count in report.misses.most_common(10):
-            print(f"  {count:>6}  {reason}")
-    for message_id, before, after in report.samples:
-        print(f"sample {message_id}:")
-        print("\n".join(describe_changes(before, after)) or "  (unchanged)")
-    return 0
-
-
-def _cmd_routes_reload(config: RelaisConfig, args: argparse.Namespace) -> int:
-    import os
-    import signal
-
-    pidfile = config.resolve(config.store.blob_dir).parent / "relais.pid"
-    try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        print(f"no running engine found ({pidfile})", file=sys.stderr)
-        return 1
-    print(f"asked the engine (pid {pid}) to reload its routes; see its log for the outcome")
-    return 0
-
-
 def _cmd_deadletters(config: RelaisConfig, args: argparse.Namespace) -> int:
     store = _open_store(config)
     try:
@@ -349,88 +266,6 @@ def _cmd_deadletters(config: RelaisConfig, args: argparse.Namespace) -> int:
                   f"{r['updated_at'][:19]}  {r['last_error']}")  # fmt: skip
     if not rows and not args.json:
         print("no dead letters", file=sys.stderr)
-    return 0
-
-
-def _identity_query(store: EventStore, sql: str, params: list[Any]) -> list[dict[str, Any]] | None:
-    """Rows of the identity read model; None when the engine never created it."""
-    try:
-        return store.query(sql, params)
-    except Exception as e:
-        if "relais_identity" in str(e):
-            return None
-        raise
-
-
-def _cmd_identity_show(config: RelaisConfig, args: argparse.Namespace) -> int:
-    store = _open_store(config)
-    try:
-        found = _identity_query(
-            store, "SELECT rri FROM relais_identity_ids WHERE value = ? UNION SELECT rri FROM relais_identity_persons "
-            "WHERE rri = ?", [args.identifier, args.identifier],
-        )  # fmt: skip
-        if found is None:
-            print("no identity read model in this store (no identity channel has run)", file=sys.stderr)
-            return 1
-        out = []
-        for rri in sorted({r["rri"] for r in found}):
-            person = store.query("SELECT * FROM relais_identity_persons WHERE rri = ?", [rri])[0]
-            person["identifiers"] = store.query(
-                "SELECT value, id_type, authority, linked_at FROM relais_identity_ids WHERE rri = ? ORDER BY linked_at",
-                [rri],
-            )
-            person["merged"] = [
-                r["rri"] for r in store.query("SELECT rri FROM relais_identity_persons WHERE merged_into = ?", [rri])
-            ]
-            person["suspected_duplicates"] = store.query(
-                "SELECT rri_a, rri_b, reason, detected_at, state FROM relais_identity_duplicates "
-                "WHERE rri_a = ? OR rri_b = ?", [rri, rri],
-            )  # fmt: skip
-            out.append(person)
-    finally:
-        store.close()
-    if not out:
-        print(f"no identity with identifier {args.identifier!r}", file=sys.stderr)
-        return 1
-    for p in out:
-        if args.json:
-            sys.stdout.write(orjson.dumps(p).decode() + "\n")
-            continue
-        merged = f" -> merged into {p['merged_into']}" if p["status"] == "merged" else ""
-        print(f"{p['rri']}  {p['status']}{merged}")
-        print(f"  {p['family']} {p['given']}  born {p['birth_date']}  sex {p['sex']}  reliability {p['reliability']}")
-        if p["ins"]:
-            print(f"  INS {p['ins']} ({p['ins_oid']})")
-        for i in p["identifiers"]:
-            print(f"  id {i['value']}  type {i['id_type'] or '-'}  authority {i['authority']}")
-        for rri in p["merged"]:
-            print(f"  absorbed {rri}")
-        for d in p["suspected_duplicates"]:
-            other = d["rri_b"] if d["rri_a"] == p["rri"] else d["rri_a"]
-            print(f"  suspected duplicate of {other} ({d['state']}): {d['reason']}")
-    return 0
-
-
-def _cmd_identity_duplicates(config: RelaisConfig, args: argparse.Namespace) -> int:
-    store = _open_store(config)
-    try:
-        state = "%" if args.all else "open"
-        rows = _identity_query(
-            store, "SELECT rri_a, rri_b, reason, detected_at, state FROM relais_identity_duplicates "
-            "WHERE state LIKE ? ORDER BY detected_at", [state],
-        )  # fmt: skip
-    finally:
-        store.close()
-    if rows is None:
-        print("no identity read model in this store (no identity channel has run)", file=sys.stderr)
-        return 1
-    for r in rows:
-        if args.json:
-            sys.stdout.write(orjson.dumps(r).decode() + "\n")
-        else:
-            print(f"{r['rri_a']}  {r['rri_b']}  {r['state']}  {r['detected_at'][:19]}  {r['reason']}")
-    if not rows and not args.json:
-        print("no suspected duplicates", file=sys.stderr)
     return 0
 
 
@@ -507,9 +342,9 @@ def _parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_status)
     routes = sub.add_parser("routes", help="channels in routes/").add_subparsers(dest="what", required=True)
     rc = routes.add_parser("check", help="validate every channel file without starting anything")
-    rc.set_defaults(func=_cmd_routes_check)
+    rc.set_defaults(func=cmd_routes_check)
     rt = routes.add_parser("test", help="run the [[test]] cases of every channel")
-    rt.set_defaults(func=_cmd_routes_test)
+    rt.set_defaults(func=cmd_routes_test)
     for sp in (rc, rt):
         sp.add_argument("--routes", help="folder of channel files (default: from the config)")
     rtry = routes.add_parser("try", help="dry-run a channel file against stored messages; sends nothing")
@@ -517,9 +352,9 @@ def _parser() -> argparse.ArgumentParser:
     rtry.add_argument("--since", required=True, help="ISO time, e.g. 2026-11-01")
     rtry.add_argument("--until")
     rtry.add_argument("--samples", type=int, default=3)
-    rtry.set_defaults(func=_cmd_routes_try)
+    rtry.set_defaults(func=cmd_routes_try)
     rr = routes.add_parser("reload", help="ask the running engine to reload routes/ (SIGHUP)")
-    rr.set_defaults(func=_cmd_routes_reload)
+    rr.set_defaults(func=cmd_routes_reload)
     dl = sub.add_parser("deadletters", help="dead-lettered deliveries").add_subparsers(dest="what", required=True)
     dll = dl.add_parser("list")
     dll.add_argument("--limit", type=int, default=100)
@@ -538,11 +373,11 @@ def _parser() -> argparse.ArgumentParser:
     ids = ident.add_parser("show", help="an identity by any of its identifiers (IPP, INS, RRI)")
     ids.add_argument("identifier")
     ids.add_argument("--json", action="store_true")
-    ids.set_defaults(func=_cmd_identity_show)
+    ids.set_defaults(func=cmd_identity_show)
     idd = ident.add_parser("duplicates", help="suspected duplicates for the identity team")
     idd.add_argument("--all", action="store_true", help="also those resolved by a merge")
     idd.add_argument("--json", action="store_true")
-    idd.set_defaults(func=_cmd_identity_duplicates)
+    idd.set_defaults(func=cmd_identity_duplicates)
     hp = sub.add_parser("hash-password", help="hash an SMTP account's password for config.toml (reads stdin)")
     hp.set_defaults(func=_cmd_hash_password)
     for sp in (

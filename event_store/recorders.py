@@ -257,11 +257,12 @@ class RelaisSQLiteRecorder(SQLiteApplicationRecorder):
         with self.datastore.get_connection(commit=False) as conn:
             db = conn._sqlite_conn
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            lock_timeout = int(db.execute("PRAGMA busy_timeout").fetchone()[0])  # [store] lock_timeout
             db.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
             try:
                 db.execute("PRAGMA wal_checkpoint(RESTART)")
             finally:
-                db.execute(f"PRAGMA busy_timeout={int(_DurableSQLitePool.busy_timeout_ms)}")
+                db.execute(f"PRAGMA busy_timeout={lock_timeout}")
 
 
 class RelaisPostgresRecorder(PostgresApplicationRecorder):

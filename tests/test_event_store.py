@@ -339,6 +339,18 @@ def test_a_store_that_never_rests_still_has_its_write_ahead_log_start_over(tmp_p
         reopened.close()
 
 
+def test_a_checkpoint_leaves_the_configured_lock_timeout_to_the_commits(tmp_path: Path) -> None:
+    store = EventStore.open(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs", lock_timeout=3.5,
+                            checkpoints=False)  # fmt: skip
+    try:
+        one_message(store, b"MSH|one", "1")
+        store.recorder.checkpoint()
+        with store.recorder.datastore.get_connection(commit=False) as conn:
+            assert conn._sqlite_conn.execute("PRAGMA busy_timeout").fetchone()[0] == 3500
+    finally:
+        store.close()
+
+
 def test_a_reader_that_holds_its_snapshot_does_not_hold_the_checkpoint_or_the_commits(tmp_path: Path) -> None:
     import sqlite3
     import threading

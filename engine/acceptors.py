@@ -89,8 +89,7 @@ class IngestGateway:
                 result = ("ok", None)
         except IngestUnavailable as e:
             result = ("unavailable", str(e))
-        if not writer.is_closing():
-            send(writer, (request_id, result))
+        send(writer, (request_id, result))
 
 
 class RemoteIngestor:

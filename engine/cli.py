@@ -228,23 +228,17 @@ def _failing_destinations(store: EventStore) -> list[dict[str, Any]]:
     down shows here with its last error, even while its other deliveries wait untried
     (suspended, README: Routing)."""
     rows = store.query(
-        "SELECT channel, destination, COUNT(*) AS n, MAX(updated_at) AS last, MIN(next_attempt_at) AS next "
-        "FROM relais_outbox WHERE state = 'pending' AND attempts > 0 "
+        "SELECT channel, destination, COUNT(*) AS n, MAX(updated_at) AS last, MIN(next_attempt_at) AS next, "
+        "(SELECT last_error FROM relais_outbox l WHERE l.channel = o.channel AND l.destination = o.destination "
+        " AND l.state = 'pending' AND l.attempts > 0 ORDER BY l.updated_at DESC LIMIT 1) AS last_error "
+        "FROM relais_outbox o WHERE state = 'pending' AND attempts > 0 "
         "GROUP BY channel, destination ORDER BY channel, destination"
     )
-    out = []
-    for r in rows:
-        latest = store.query(
-            "SELECT last_error FROM relais_outbox WHERE channel = ? AND destination = ? AND state = 'pending' "
-            "AND attempts > 0 ORDER BY updated_at DESC LIMIT 1",
-            [r["channel"], r["destination"]],
-        )
-        out.append({
-            "channel": r["channel"], "destination": r["destination"], "deliveries": r["n"],
-            "last_failed_at": r["last"], "next_attempt_at": r["next"],
-            "last_error": latest[0]["last_error"] if latest else "",
-        })  # fmt: skip
-    return out
+    return [
+        {"channel": r["channel"], "destination": r["destination"], "deliveries": r["n"],
+         "last_failed_at": r["last"], "next_attempt_at": r["next"], "last_error": r["last_error"] or ""}
+        for r in rows
+    ]  # fmt: skip
 
 
 def _cmd_deadletters(config: RelaisConfig, args: argparse.Namespace) -> int:

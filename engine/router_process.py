@@ -297,8 +297,7 @@ class RouterProcess(InChild):
                 results.append(("unavailable", type(outcome).__name__))
             else:
                 raise outcome  # cancelled: the engine is stopping
-        if not writer.is_closing():
-            send(writer, ("answer", request_id, results))
+        send(writer, ("answer", request_id, results))
 
     def _outbox_committed(self, appendices: list[Appendix]) -> None:
         """The outbox's rows that this process committed on its own account (the study

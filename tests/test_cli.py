@@ -15,7 +15,8 @@ import pytest
 from hl7.client import MLLPClient
 
 from engine.config import load_config
-from tests.conftest import adt, start_relais
+from tests.conftest import adt, start_relais, wait_for
+from tests.test_routing import routed_relais, send, topics
 
 RELAIS = str(Path(sys.executable).parent / "relais")
 
@@ -192,3 +193,27 @@ def test_a_second_engine_on_the_same_postgresql_store_is_refused(pg_url: str, tm
             start_relais(load_config(write_config(other, 0, store_url=pg_url)))
     finally:
         first.stop()
+
+
+def test_status_shows_volumes_follower_lag_and_outbox(relais, tmp_path: Path) -> None:
+    partner = relais()
+    port = partner.port
+    partner.stop()
+    hub = routed_relais(relais, tmp_path, port, attempts=50)
+    assert send(hub.port, adt("A01", control_id="ST-1")) == "AA"
+    assert send(hub.port, "not hl7") == "AR"
+    wait_for(lambda: "DeliveryFailed" in topics(hub, "ST-1"), what="a failed attempt")
+    config = tmp_path / "relais1" / "config.toml"
+    config.write_text('[store]\nurl = "sqlite:///relais.db"\nblob_dir = "blobs"\n')
+    out = subprocess.run([RELAIS, "--config", str(config), "status", "--json"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    status = json.loads(out.stdout)
+    assert status["messages"]["accepted"]["count"] == 1 and status["messages"]["reject"]["count"] == 1
+    assert status["followers"]["router"]["position"] >= 1
+    assert {"channel": "to-partner", "destination": "partner", "state": "pending", "n": 1} in status["outbox"]
+    # The partner is down: status names it, with the error of its latest attempt.
+    [failing] = status["failing"]
+    assert (failing["channel"], failing["destination"], failing["deliveries"]) == ("to-partner", "partner", 1)
+    assert "refused" in failing["last_error"].lower() and failing["next_attempt_at"] >= failing["last_failed_at"]
+    text = subprocess.run([RELAIS, "--config", str(config), "status"], capture_output=True, text=True, timeout=60)
+    assert "failing to-partner/partner: 1 pending" in text.stdout

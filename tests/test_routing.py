@@ -439,30 +439,6 @@ def test_application_ack_of_a_resend_after_restart_comes_from_the_log(relais, tm
     assert [a.segments for a in second] == [a.segments for a in first]
 
 
-def test_status_shows_volumes_follower_lag_and_outbox(relais, tmp_path: Path) -> None:
-    partner = relais()
-    port = partner.port
-    partner.stop()
-    hub = routed_relais(relais, tmp_path, port, attempts=50)
-    assert send(hub.port, adt("A01", control_id="ST-1")) == "AA"
-    assert send(hub.port, "not hl7") == "AR"
-    wait_for(lambda: "DeliveryFailed" in topics(hub, "ST-1"), what="a failed attempt")
-    config = tmp_path / "relais1" / "config.toml"
-    config.write_text('[store]\nurl = "sqlite:///relais.db"\nblob_dir = "blobs"\n')
-    out = subprocess.run([RELAIS, "--config", str(config), "status", "--json"], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
-    status = json.loads(out.stdout)
-    assert status["messages"]["accepted"]["count"] == 1 and status["messages"]["reject"]["count"] == 1
-    assert status["followers"]["router"]["position"] >= 1
-    assert {"channel": "to-partner", "destination": "partner", "state": "pending", "n": 1} in status["outbox"]
-    # The partner is down: status names it, with the error of its latest attempt.
-    [failing] = status["failing"]
-    assert (failing["channel"], failing["destination"], failing["deliveries"]) == ("to-partner", "partner", 1)
-    assert "refused" in failing["last_error"].lower() and failing["next_attempt_at"] >= failing["last_failed_at"]
-    text = subprocess.run([RELAIS, "--config", str(config), "status"], capture_output=True, text=True, timeout=60)
-    assert "failing to-partner/partner: 1 pending" in text.stdout
-
-
 def test_a_partner_that_never_answers_does_not_hold_other_destinations(relais, tmp_path: Path) -> None:
     # It takes connections and reads, never ACKs: every attempt waits for `ack_timeout` (2 s)
     # on the partner's one connection, while the other attempts of that partner queue for it.

@@ -44,6 +44,8 @@ def test_a_partner_that_is_down_is_probed_not_hammered_and_gets_everything_once_
     partner_again = relais(listeners={"mllp": [{"name": "mllp", "port": port}]})
     wait_for(lambda: len(received_by(partner_again)) == len(ids), timeout=20, what="every delivery")
     assert sorted(m.get("MSH-10") for m in received_by(partner_again)) == sorted(ids)
+    # The partner has each message before the hub has committed its outcome: wait for that.
+    wait_for(lambda: all("Delivered" in topics(hub, c) for c in ids), what="every Delivered committed")
     for control_id in ids:
         assert topics(hub, control_id).count("Delivered") == 1
 

@@ -50,6 +50,8 @@ def assert_once_in_order(hub: RunningRelais, partner: RunningRelais, everything:
     logged = [r.event["metadata"]["control_id"] for r in hub.store.read_log() if r.topic == "relais.MessageReceived"]
     for ipp in {ipp_of(c) for c in everything}:
         assert [c for c in got if ipp_of(c) == ipp] == [c for c in logged if ipp_of(c) == ipp]  # in order
+    # The partner has each message before the hub has committed its outcome: wait for that.
+    wait_for(lambda: all("Delivered" in topics(hub, c) for c in everything), what="every Delivered committed")
     for control_id in everything:
         assert topics(hub, control_id).count("MessageRouted") == 1
         assert topics(hub, control_id).count("Delivered") == 1

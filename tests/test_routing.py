@@ -239,6 +239,8 @@ def test_a_backlog_larger_than_one_outbox_read_is_delivered_once_in_order_per_pa
         "SELECT count(*) AS n FROM stored_events WHERE topic = 'relais.DuplicateReceived'"
     )
     assert resent[0]["n"] == 0  # nothing sent twice
+    # The partner has each message before the hub has committed its outcome: wait for that.
+    wait_for(lambda: all("Delivered" in topics(again, c) for c in everything), what="every Delivered committed")
     for control_id in everything:
         assert topics(again, control_id).count("Delivered") == 1
         assert topics(again, control_id).count("MessageRouted") == 1

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def receiver(port: int, pipe: Connection, ctl: Connection, drain: float, down: b
             await asyncio.sleep(0.5)
 
     asyncio.run(main())
-    pipe.send((seen, frames[0]))
+    pipe.send((seen, frames[0], time.process_time()))
 
 
 def load(port: int, n_conn: int, duration: float, pipe: Connection) -> None:
@@ -117,7 +118,7 @@ def load(port: int, n_conn: int, duration: float, pipe: Connection) -> None:
         await asyncio.gather(*(one(c) for c in range(n_conn)))
 
     asyncio.run(main())
-    pipe.send(acked)
+    pipe.send((acked, time.process_time()))
 
 
 def process_ticks(pid: int) -> dict[str, int]:
@@ -141,6 +142,30 @@ def process_ticks(pid: int) -> dict[str, int]:
             continue
         ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])
     return ticks
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(idle, all) CPU ticks of the whole machine so far, every CPU (/proc/stat)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def peak_memory(pid: int) -> dict[str, int]:
+    """The largest resident size (VmHWM, kB) of a process and of each of its children."""
+    peaks: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if entry.name != str(pid) and int(stat[1]) != pid:
+                continue
+            name = "engine" if entry.name == str(pid) else (entry / "comm").read_text().strip()
+            hwm = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            continue
+        peaks[name] = max(peaks.get(name, 0), int(hwm.split()[1]))
+    return peaks
 
 
 def pct(values: list[float], p: float) -> float:
@@ -201,19 +226,22 @@ def main() -> int:
             load_pipe, load_child = ctx.Pipe(duplex=False)
             lproc = ctx.Process(target=load, args=(relais_port, args.connections, args.duration, load_child))
             ticks0 = process_ticks(server.pid)
+            idle0, all0 = machine_ticks()
             wal = WalWatch(tmp / "data" / "relais.db-wal")
             start = time.time()
             lproc.start()
             if not load_pipe.poll(args.duration + 60):  # e.g. a connection over the listener's limit (64)
                 raise SystemExit("the load generator gave no result (a connection failed?)")
-            acked: dict[bytes, float] = load_pipe.recv()
+            acked, load_cpu = load_pipe.recv()
             lproc.join()
             up = time.time()
             if args.partner_down:
                 ctl.send("up")
             ctl.send(set(acked))
-            delivered, frames = recv_pipe.recv()
+            delivered, frames, partner_cpu = recv_pipe.recv()
             ticks1 = process_ticks(server.pid)
+            idle1, all1 = machine_ticks()
+            peaks = peak_memory(server.pid)
             elapsed = time.time() - start
             wal.stop()
             rproc.join(10)
@@ -249,6 +277,14 @@ def main() -> int:
         f"{len(acked) - len(lags):>5} {frames - len(delivered):>5} {cpu_ms:>10.2f}"
     )
     print(f"# cpu, share of one core from the first message to the last delivery: {busy}")
+    # The rest of the machine: what the bench's own processes took, and what no one used.
+    # Idle near 0 means the machine, not one process, is the limit.
+    idle = 100 * (idle1 - idle0) / max(1, all1 - all0)
+    print(
+        f"# bench processes: load {100 * load_cpu / elapsed:.0f} %, partner {100 * partner_cpu / elapsed:.0f} %"
+        f" of a core; machine idle {idle:.0f} % of its {os.cpu_count()} CPUs"
+    )
+    print("# peak memory (VmHWM): " + ", ".join(f"{name} {kb / 1024:.0f} MB" for name, kb in sorted(peaks.items())))
     print(
         f"# SQLite WAL file: largest {wal.largest / 1e6:.0f} MB (§26: without checkpoints that let it start over, "
         "it grew with every commit)"

@@ -77,6 +77,9 @@ class DeliveryWorkers:
         self.ingestor = ingestor
         self.targets = dict(targets)
         self._in_flight: set[str] = set()
+        # Of those, the attempts done with their destination whose outcome waits for its
+        # commit: they hold no slot, only their key (bench/RESULTS.md §27).
+        self._recording = 0
         self._busy_keys: set[tuple[str, str, str]] = set()
         self._outbox = OutboxIndex()
         self._resync = False
@@ -167,9 +170,12 @@ class DeliveryWorkers:
 
     async def _start_due(self) -> int:
         """Start the attempts of the due heads, as many as there is room for."""
-        # Up to four attempts per slot: the extra ones wait for a slot with their rows read,
-        # so a slot freed is used at once, not at the next pass.
-        room = 4 * self._concurrency - len(self._in_flight)
+        # Up to four attempts per slot speaking or waiting for one (with their rows read, so
+        # a slot freed is used at once, not at the next pass). The attempts whose outcome
+        # waits for its commit do not count, up to sixteen per slot in all: a commit's round
+        # trip (tens of ms under load) must not hold back the next attempts.
+        speaking = len(self._in_flight) - self._recording
+        room = min(4 * self._concurrency - speaking, 16 * self._concurrency - len(self._in_flight))
         if room <= 0:
             return 0
         ids: list[str] = []
@@ -312,8 +318,11 @@ class DeliveryWorkers:
         message_id = uuid.UUID(row["message_id"])
         attempt = int(row["attempts"]) + 1
         spec = target.spec
+        recording = False
         try:
             attempted, outcome, dead, error = await self._speak(row, target, key, attempt)
+            recording = True
+            self._recording += 1
             self._answered((key[0], key[1]), spec, delivery_id, outcome is None and not dead, error)
             if dead:
                 await self._dead(attempted, message_id, dead, spec)
@@ -328,6 +337,7 @@ class DeliveryWorkers:
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
             await asyncio.sleep(1.0)  # do not hammer a store that refuses writes
         finally:
+            self._recording -= recording
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
             # Recorded: the index has its outcome already. Not recorded: due again.

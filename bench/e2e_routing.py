@@ -117,8 +117,12 @@ def load(port: int, n_conn: int, duration: float, pipe: Connection) -> None:
     async def main() -> None:
         await asyncio.gather(*(one(c) for c in range(n_conn)))
 
+    # How idle the machine was while the load ran (not during this process's start or the
+    # drain after it).
+    idle0, all0 = machine_ticks()
     asyncio.run(main())
-    pipe.send((acked, time.process_time()))
+    idle1, all1 = machine_ticks()
+    pipe.send((acked, time.process_time(), 100 * (idle1 - idle0) / max(1, all1 - all0)))
 
 
 def process_ticks(pid: int) -> dict[str, int]:
@@ -226,13 +230,12 @@ def main() -> int:
             load_pipe, load_child = ctx.Pipe(duplex=False)
             lproc = ctx.Process(target=load, args=(relais_port, args.connections, args.duration, load_child))
             ticks0 = process_ticks(server.pid)
-            idle0, all0 = machine_ticks()
             wal = WalWatch(tmp / "data" / "relais.db-wal")
             start = time.time()
             lproc.start()
             if not load_pipe.poll(args.duration + 60):  # e.g. a connection over the listener's limit (64)
                 raise SystemExit("the load generator gave no result (a connection failed?)")
-            acked, load_cpu = load_pipe.recv()
+            acked, load_cpu, idle = load_pipe.recv()
             lproc.join()
             up = time.time()
             if args.partner_down:
@@ -240,7 +243,6 @@ def main() -> int:
             ctl.send(set(acked))
             delivered, frames, partner_cpu = recv_pipe.recv()
             ticks1 = process_ticks(server.pid)
-            idle1, all1 = machine_ticks()
             peaks = peak_memory(server.pid)
             elapsed = time.time() - start
             wal.stop()
@@ -277,12 +279,11 @@ def main() -> int:
         f"{len(acked) - len(lags):>5} {frames - len(delivered):>5} {cpu_ms:>10.2f}"
     )
     print(f"# cpu, share of one core from the first message to the last delivery: {busy}")
-    # The rest of the machine: what the bench's own processes took, and what no one used.
-    # Idle near 0 means the machine, not one process, is the limit.
-    idle = 100 * (idle1 - idle0) / max(1, all1 - all0)
+    # The rest of the machine: what the bench's own processes took, and what no one used
+    # while the load ran. Idle near 0 means the machine, not one process, is the limit.
     print(
         f"# bench processes: load {100 * load_cpu / elapsed:.0f} %, partner {100 * partner_cpu / elapsed:.0f} %"
-        f" of a core; machine idle {idle:.0f} % of its {os.cpu_count()} CPUs"
+        f" of a core; machine idle during the load {idle:.0f} % of its {os.cpu_count()} CPUs"
     )
     print("# peak memory (VmHWM): " + ", ".join(f"{name} {kb / 1024:.0f} MB" for name, kb in sorted(peaks.items())))
     print(

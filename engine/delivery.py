@@ -337,7 +337,8 @@ class DeliveryWorkers:
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
             await asyncio.sleep(1.0)  # do not hammer a store that refuses writes
         finally:
-            self._recording -= recording
+            if recording:
+                self._recording -= 1
             self._in_flight.discard(delivery_id)
             self._busy_keys.discard(key)
             # Recorded: the index has its outcome already. Not recorded: due again.

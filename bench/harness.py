@@ -11,8 +11,9 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ROOT", "free_port", "relais_config", "running", "wait_listening"]
+__all__ = ["ROOT", "commit_on_loop", "free_port", "relais_config", "running", "wait_listening"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,13 @@ def relais_config(listeners: str, store: str = "", sections: str = "") -> str:
         f'{sections}\n[routing]\nenabled = false\n\n[log]\nlevel = "warning"\n\n[listeners]\nmllp = []\n\n'
         f"{listeners}"
     )
+
+
+def commit_on_loop(args: Any) -> str:
+    """The `[ingest]` line a bench's `--commit-on-loop on|off` asks for ('' : the engine's default)."""
+    if not getattr(args, "commit_on_loop", None):
+        return ""
+    return f"commit_on_loop = {'true' if args.commit_on_loop == 'on' else 'false'}\n"
 
 
 def free_port() -> int:

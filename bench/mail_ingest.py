@@ -25,7 +25,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from harness import free_port, relais_config, wait_listening
+from harness import commit_on_loop, free_port, relais_config, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -107,7 +107,7 @@ accounts = [{{ user = "{USER}", password_hash = "{hash_password(PASSWORD, n=2**1
             relais_config(
                 listener,
                 store=f"inline_payload_limit = {args.inline_limit}",
-                sections=f"[ingest]\nbatch_window_ms = {args.batch_window_ms}\n",
+                sections=f"[ingest]\nbatch_window_ms = {args.batch_window_ms}\n{commit_on_loop(args)}",
             )
         )
         log = open(Path(tmp) / "relais.log", "wb")  # noqa: SIM115
@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.5)
     ap.add_argument("--attachment-kb", type=int, default=100, help="size of the XDM's PDF (default 100)")
     ap.add_argument("--batch-window-ms", type=float, default=0.0)
+    ap.add_argument("--commit-on-loop", choices=["on", "off"], help="[ingest] commit_on_loop (default: the engine's)")
     ap.add_argument("--inline-limit", type=int, default=262144, help="[store] inline_payload_limit (default 256 KB)")
     ap.add_argument("--readers", type=int, default=0, help="[[listeners.smtp]] readers processes (default 0)")
     ap.add_argument("--profile", help="write Relais's cProfile stats to this file")

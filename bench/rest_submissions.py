@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import relais_config
+from harness import commit_on_loop, relais_config
 from hl7_ingest import BIN, free_port, running
 
 TOKEN = "bench-token-" + uuid.uuid4().hex
@@ -49,7 +49,7 @@ def submission(multipart: bool) -> dict[str, object]:
     }
 
 
-def write_config(tmp: Path, port: int) -> Path:
+def write_config(tmp: Path, port: int, ingest: str = "") -> Path:
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     path = tmp / "config.toml"
     listener = f"""[[listeners.http]]
@@ -62,7 +62,7 @@ name = "bench"
 sha256 = "{digest}"
 roles = ["sender"]
 """
-    path.write_text(relais_config(listener), encoding="utf-8")
+    path.write_text(relais_config(listener, sections=f"[ingest]\n{ingest}"), encoding="utf-8")
     return path
 
 
@@ -109,13 +109,14 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--processes", type=int, default=4, help="client processes at most (one per 8 clients)")
     ap.add_argument("--multipart", action="store_true", help="documents as multipart parts, not base64 JSON")
+    ap.add_argument("--commit-on-loop", choices=["on", "off"], help="[ingest] commit_on_loop (default: the engine's)")
     args = ap.parse_args()
     rows = []
     for n in args.concurrency:
         with tempfile.TemporaryDirectory(prefix="relais-rest-bench-") as folder:
             tmp = Path(folder)
             port = free_port()
-            config = write_config(tmp, port)
+            config = write_config(tmp, port, commit_on_loop(args))
             cmd = [str(BIN / "relais"), "--config", str(config), "run"]
             with running(cmd, port, tmp / "server.log"):
                 # httpx's pool slows down past ~8 connections: spread the clients over processes.

@@ -150,7 +150,7 @@ class RelaisApp:
                 batch_window_ms=cfg.ingest.batch_window_ms,
                 max_batch=cfg.ingest.max_batch,
                 max_pending=cfg.ingest.max_pending,
-                on_loop=cfg.ingest.commit_on_loop,
+                on_loop=cfg.commits_on_loop(),
             )
         await self.ingestor.start()
         if cfg.routing.enabled:
@@ -197,8 +197,9 @@ class RelaisApp:
             self.mail = MailServices(cfg, self.store, self.ingestor, cfg.resolve(cfg.store.blob_dir).parent)
             self.smtp = self.mail.servers
             await self.mail.start()
+        commit = "writer process" if cfg.ingest.writer_process else ("loop" if cfg.commits_on_loop() else "thread")
         log.info("relais_started", store=self.store.dialect, acceptors=cfg.ingest.acceptors, event_loop=loop_kind(),
-                 router_process=self.router_process.pid if self.router_process else None,
+                 commit=commit, router_process=self.router_process.pid if self.router_process else None,
                  listeners=[listener.name for listener in cfg.listeners.mllp])  # fmt: skip
 
     async def _start_dicom(self) -> None:

@@ -207,10 +207,11 @@ class IngestSettings(_Strict):
     writer_process: bool = Field(
         False, description="commit in a process of its own, its GIL free of the listeners and delivery"
     )
-    commit_on_loop: bool = Field(
-        False,
-        description="commit on the event loop, not a worker thread: more intake, but delivery in this "
-        "process then gets less of it (bench/RESULTS.md §21)",
+    commit_on_loop: bool | None = Field(
+        None,
+        description="commit on the event loop, not a worker thread; unset: on the loop unless routing and "
+        "delivery run in this process ([routing] process = false), which would get less of it "
+        "(bench/RESULTS.md §21, §28)",
     )
 
 
@@ -245,6 +246,13 @@ class RelaisConfig(_Strict):
     log: LogSettings = Field(default_factory=LogSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     base_dir: Path = Path(".")
+
+    def commits_on_loop(self) -> bool:
+        """Whether the single writer commits on the event loop (`[ingest] commit_on_loop`, or
+        its default: yes, unless the router and its delivery workers share this process's loop)."""
+        if self.ingest.commit_on_loop is not None:
+            return self.ingest.commit_on_loop
+        return not (self.routing.enabled and not self.routing.process)
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)

@@ -139,12 +139,29 @@ def test_relais_run_serves_and_stops_on_sigterm(tmp_path: Path, loop: str) -> No
     assert any(entry["event"] == "relais_stopped" for entry in logs)
     [started] = [entry for entry in logs if entry["event"] == "relais_started"]
     assert started["event_loop"] == (loop or "uvloop")  # uvloop unless asked otherwise
+    assert started["commit"] == "loop"  # no router sharing the loop: the writer commits on it
     [received] = [entry for entry in logs if entry["event"] == "message_received"]
     assert received["control_id"] == "RUN-1" and received["message_id"]
     # Logs carry identifiers of events, never patient identity (the INS, the name).
     assert "260058815400233" not in stderr and "MARTIN" not in stderr
     assert (tmp_path / "data" / "relais.db").exists() and (tmp_path / "data" / "blobs").is_dir()
     assert os.access(tmp_path / "data" / "relais.db", os.R_OK)
+
+
+@pytest.mark.parametrize(
+    ("routing", "ingest", "expected"),
+    [
+        ("", "", True),  # the router and delivery in their own process (the default)
+        ("process = false", "", False),  # they share the loop: the writer leaves it to them
+        ("enabled = false", "", True),
+        ("process = false", "commit_on_loop = true", True),  # what is asked wins
+        ("", "commit_on_loop = false", False),
+    ],
+)
+def test_where_the_writer_commits_by_default(tmp_path: Path, routing: str, ingest: str, expected: bool) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f"[routing]\n{routing}\n[ingest]\n{ingest}\n")
+    assert load_config(path).commits_on_loop() is expected
 
 
 def test_an_unknown_event_loop_is_refused_by_name(tmp_path: Path) -> None:

@@ -209,9 +209,8 @@ class IngestSettings(_Strict):
     )
     commit_on_loop: bool | None = Field(
         None,
-        description="commit on the event loop, not a worker thread; unset: on the loop unless routing and "
-        "delivery run in this process ([routing] process = false), which would get less of it "
-        "(bench/RESULTS.md §21, §28)",
+        description="commit on the event loop, not a worker thread; unset: on the loop only when routing "
+        "is off (with routing, intake then outruns delivery: bench/RESULTS.md §21, §28)",
     )
 
 
@@ -249,10 +248,11 @@ class RelaisConfig(_Strict):
 
     def commits_on_loop(self) -> bool:
         """Whether the single writer commits on the event loop (`[ingest] commit_on_loop`, or
-        its default: yes, unless the router and its delivery workers share this process's loop)."""
+        its default: only when nothing is routed; with routing, intake on the loop outruns
+        delivery at high concurrency and the lag grows, bench/RESULTS.md §28)."""
         if self.ingest.commit_on_loop is not None:
             return self.ingest.commit_on_loop
-        return not (self.routing.enabled and not self.routing.process)
+        return not self.routing.enabled
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)

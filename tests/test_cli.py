@@ -139,7 +139,7 @@ def test_relais_run_serves_and_stops_on_sigterm(tmp_path: Path, loop: str) -> No
     assert any(entry["event"] == "relais_stopped" for entry in logs)
     [started] = [entry for entry in logs if entry["event"] == "relais_started"]
     assert started["event_loop"] == (loop or "uvloop")  # uvloop unless asked otherwise
-    assert started["commit"] == "loop"  # no router sharing the loop: the writer commits on it
+    assert started["commit"] == "loop"  # routing off: the writer commits on the loop
     [received] = [entry for entry in logs if entry["event"] == "message_received"]
     assert received["control_id"] == "RUN-1" and received["message_id"]
     # Logs carry identifiers of events, never patient identity (the INS, the name).
@@ -151,11 +151,11 @@ def test_relais_run_serves_and_stops_on_sigterm(tmp_path: Path, loop: str) -> No
 @pytest.mark.parametrize(
     ("routing", "ingest", "expected"),
     [
-        ("", "", True),  # the router and delivery in their own process (the default)
-        ("process = false", "", False),  # they share the loop: the writer leaves it to them
-        ("enabled = false", "", True),
+        ("", "", False),  # routing: intake on the loop would outrun delivery
+        ("process = false", "", False),
+        ("enabled = false", "", True),  # intake alone: the loop commits faster
         ("process = false", "commit_on_loop = true", True),  # what is asked wins
-        ("", "commit_on_loop = false", False),
+        ("enabled = false", "commit_on_loop = false", False),
     ],
 )
 def test_where_the_writer_commits_by_default(tmp_path: Path, routing: str, ingest: str, expected: bool) -> None:

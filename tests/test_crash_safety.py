@@ -269,6 +269,13 @@ def _run_load(engine: Engine, senders: list[Sender], seconds: float, *, drain: b
             while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
                 time.sleep(0.02)
         else:
+            # The kill's moment counts from the round's first ACK: an engine just started (its
+            # router process still importing on a 2-vCPU machine) may take longer than the
+            # shortest kill delay to commit anything, and a round with no ACK proves nothing.
+            ledger = senders[0].ledger
+            deadline = time.monotonic() + 30
+            while not ledger.acks_per_round[ledger.round] and time.monotonic() < deadline:
+                time.sleep(0.01)
             time.sleep(seconds)
             engine.sigkill()  # under load: senders are mid-send or waiting for their ACK
     finally:

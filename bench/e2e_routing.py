@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import commit_on_loop
 from hl7_ingest import CLK_TCK, free_port, message_template, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,11 +207,7 @@ def main() -> int:
             '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
             f"[ingest]\nacceptors = {args.acceptors}\n"
             + ("writer_process = true\n" if args.writer_process else "")
-            + (
-                f"commit_on_loop = {'true' if args.commit_on_loop == 'on' else 'false'}\n"
-                if args.commit_on_loop
-                else ""
-            )
+            + commit_on_loop(args)
             + "[routing]\n"
             + (f"process = {'true' if args.router_process == 'on' else 'false'}\n" if args.router_process else "")
             + (f"delivery_concurrency = {args.delivery_concurrency}\n" if args.delivery_concurrency else "")

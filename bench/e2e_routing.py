@@ -188,6 +188,10 @@ def main() -> int:
     ap.add_argument("--writer-process", action="store_true", help="[ingest] writer_process = true")
     ap.add_argument("--commit-on-loop", choices=["on", "off"], help="[ingest] commit_on_loop (default: the engine's)")
     ap.add_argument("--delivery-concurrency", type=int, help="[routing] delivery_concurrency (default 32)")
+    ap.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning"],
+        help="[log] level (default warning; config.toml's default is info: one line per message and per delivery)",
+    )  # fmt: skip
     ap.add_argument("--partner-down", action="store_true", help="the receiver comes up once the load has ended")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
@@ -204,7 +208,7 @@ def main() -> int:
             f"connections = {args.out_connections}\n"
         )
         (tmp / "config.toml").write_text(
-            '[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "warning"\n'
+            f'[store]\nurl = "sqlite:///data/relais.db"\nblob_dir = "data/blobs"\n[log]\nlevel = "{args.log_level}"\n'
             f"[ingest]\nacceptors = {args.acceptors}\n"
             + ("writer_process = true\n" if args.writer_process else "")
             + commit_on_loop(args)
@@ -266,7 +270,7 @@ def main() -> int:
         return 0 if drained == len(acked) else 1
     print(
         f"# e2e: {args.connections} connections for {args.duration:.0f} s, SQLite WAL+FULL, 1 channel -> MLLP "
-        f"({args.out_connections} outbound connection(s))"
+        f"({args.out_connections} outbound connection(s)), log level {args.log_level}"
     )
     print(f"{'acked':>8} {'ingest/s':>9} {'delivered':>10} {'deliv/s':>8} {'lag p50 ms':>11} {'lag p99 ms':>11}"
           f" {'lag max ms':>11} {'lost':>5} {'twice':>5} {'cpu ms/msg':>10}")  # fmt: skip

@@ -96,7 +96,7 @@ class FileDropDestination:
                         attempt=delivery.attempt, error=type(e).__name__, errno=e.errno)  # fmt: skip
             raise TemporaryFailure(f"cannot write {filename} ({type(e).__name__}, errno {e.errno})") from None
         detail = f"written {written}" if fresh else f"already present {written}"
-        log.info("file_delivered", destination=self.name, delivery_id=delivery.delivery_id,
+        log.debug("file_delivered", destination=self.name, delivery_id=delivery.delivery_id,
                  attempt=delivery.attempt, file=written, fresh=fresh)  # fmt: skip
         return DeliveryOutcome(detail=detail)
 

@@ -118,7 +118,7 @@ class HttpDestination:
         detail = f"HTTP {status}"
         kept = response.content[:MAX_RESPONSE_KEPT]
         if 200 <= status < 300:
-            log.info("http_delivered", destination=self.name, delivery_id=delivery.delivery_id,
+            log.debug("http_delivered", destination=self.name, delivery_id=delivery.delivery_id,
                      attempt=delivery.attempt, status=status)  # fmt: skip
             return DeliveryOutcome(detail=detail, response=kept)
         if status in RETRYABLE_STATUSES or status >= 500:

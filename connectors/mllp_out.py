@@ -134,7 +134,7 @@ class MllpDestination:
             raise
         finally:
             self._idle.put_nowait(link)
-        log.info("mllp_delivered", destination=self.name, delivery_id=delivery.delivery_id,
+        log.debug("mllp_delivered", destination=self.name, delivery_id=delivery.delivery_id,
                  attempt=delivery.attempt, detail=outcome.detail)  # fmt: skip
         return outcome
 

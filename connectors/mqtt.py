@@ -112,7 +112,7 @@ class MqttDestination:
             log.warning("mqtt_delivery_failed", destination=self.name, delivery_id=delivery.delivery_id,
                         attempt=delivery.attempt, reason=reason)  # fmt: skip
             raise TemporaryFailure(f"MQTT publish to {self.host}:{self.port} failed ({reason})") from None
-        log.info("mqtt_delivered", destination=self.name, delivery_id=delivery.delivery_id,
+        log.debug("mqtt_delivered", destination=self.name, delivery_id=delivery.delivery_id,
                  attempt=delivery.attempt, qos=self.qos)  # fmt: skip
         return DeliveryOutcome(detail=f"published qos {self.qos}")
 

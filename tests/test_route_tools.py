@@ -137,6 +137,12 @@ def test_sighup_reload_keeps_connections_and_refuses_a_bad_file(tmp_path: Path) 
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     events = [entry["event"] for entry in logs]
     assert "routes_reloaded" in events and "routes_reload_refused" in events
+    # One line per delivery at the default level, with what the destination answered (the
+    # file written), and none from the connector besides it.
+    delivered = [entry for entry in logs if entry["event"] == "delivered"]
+    assert delivered and all(d["destination"] == "drop" and d["detail"].startswith("written ") for d in delivered)
+    assert "file_delivered" not in events
+    assert len(delivered) == len(list((tmp_path / "out").glob("[!.]*")))
 
 
 def test_metadata_filter_reads_what_the_edge_extracted(tmp_path: Path) -> None:

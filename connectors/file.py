@@ -94,10 +94,12 @@ class FileDropDestination:
         except OSError as e:
             log.warning("file_delivery_failed", destination=self.name, delivery_id=delivery.delivery_id,
                         attempt=delivery.attempt, error=type(e).__name__, errno=e.errno)  # fmt: skip
-            raise TemporaryFailure(f"cannot write {filename} ({type(e).__name__}, errno {e.errno})") from None
-        detail = f"written {written}" if fresh else f"already present {written}"
+            # Not the file's name: `{filename}` is a document's own, which can name the patient,
+            # and this reason is logged (the delivery id says which file it was).
+            raise TemporaryFailure(f"cannot write the file ({type(e).__name__}, errno {e.errno})") from None
+        detail = f"written {written}" if fresh else f"already present {written}"  # in the event only
         log.debug("file_delivered", destination=self.name, delivery_id=delivery.delivery_id,
-                 attempt=delivery.attempt, file=written, fresh=fresh)  # fmt: skip
+                  attempt=delivery.attempt, fresh=fresh)  # fmt: skip
         return DeliveryOutcome(detail=detail)
 
     async def close(self) -> None:

@@ -119,7 +119,7 @@ class HttpDestination:
         kept = response.content[:MAX_RESPONSE_KEPT]
         if 200 <= status < 300:
             log.debug("http_delivered", destination=self.name, delivery_id=delivery.delivery_id,
-                     attempt=delivery.attempt, status=status)  # fmt: skip
+                      attempt=delivery.attempt, status=status)  # fmt: skip
             return DeliveryOutcome(detail=detail, response=kept)
         if status in RETRYABLE_STATUSES or status >= 500:
             raise self._temporary(delivery, detail)

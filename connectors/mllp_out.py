@@ -135,7 +135,7 @@ class MllpDestination:
         finally:
             self._idle.put_nowait(link)
         log.debug("mllp_delivered", destination=self.name, delivery_id=delivery.delivery_id,
-                 attempt=delivery.attempt, detail=outcome.detail)  # fmt: skip
+                  attempt=delivery.attempt, detail=outcome.detail)  # fmt: skip
         return outcome
 
     async def close(self) -> None:

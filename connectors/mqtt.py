@@ -113,7 +113,7 @@ class MqttDestination:
                         attempt=delivery.attempt, reason=reason)  # fmt: skip
             raise TemporaryFailure(f"MQTT publish to {self.host}:{self.port} failed ({reason})") from None
         log.debug("mqtt_delivered", destination=self.name, delivery_id=delivery.delivery_id,
-                 attempt=delivery.attempt, qos=self.qos)  # fmt: skip
+                  attempt=delivery.attempt, qos=self.qos)  # fmt: skip
         return DeliveryOutcome(detail=f"published qos {self.qos}")
 
     async def close(self) -> None:

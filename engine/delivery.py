@@ -332,8 +332,9 @@ class DeliveryWorkers:
                 done = _iso(datetime.now(UTC))
                 delivered = Delivered(done, delivery_id, attempt, outcome.detail[:200])
                 await self._record(message_id, attempted, delivered, "delivered", done, "", False)
-                log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt,
-                         detail=outcome.detail[:200])  # fmt: skip
+                # What the partner answered is in the event (`detail`), not here: a file's name
+                # may be a document's own, which can name the patient.
+                log.info("delivered", delivery_id=delivery_id, destination=row["destination"], attempt=attempt)
         except Exception as e:  # the store refused the record: the outbox row stays pending
             log.error("delivery_not_recorded", delivery_id=delivery_id, error=type(e).__name__)
             await asyncio.sleep(1.0)  # do not hammer a store that refuses writes

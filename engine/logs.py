@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -30,7 +31,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     elif stream is None:
         renderer, factory = structlog.processors.JSONRenderer(), structlog.PrintLoggerFactory(file=sys.stderr)
     else:
-        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
         factory = structlog.BytesLoggerFactory(file=stream)
     structlog.configure(
         processors=[
@@ -42,6 +43,15 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _dumps(obj: Any, **kw: Any) -> bytes:
+    """orjson, or the standard library for what orjson refuses (an int past 64 bits, a dict
+    with other keys than strings): a log call never fails for what it was given."""
+    try:
+        return orjson.dumps(obj, **kw)
+    except TypeError:
+        return json.dumps(obj, default=repr).encode()
 
 
 def name_process(name: str) -> None:

@@ -234,3 +234,19 @@ def test_status_shows_volumes_follower_lag_and_outbox(relais, tmp_path: Path) ->
     assert "refused" in failing["last_error"].lower() and failing["next_attempt_at"] >= failing["last_failed_at"]
     text = subprocess.run([RELAIS, "--config", str(config), "status"], capture_output=True, text=True, timeout=60)
     assert "failing to-partner/partner: 1 pending" in text.stdout
+
+
+def test_json_log_lines_take_whatever_a_call_gives() -> None:
+    """Each log line is one JSON object, also for values orjson refuses; none is lost."""
+    code = (
+        "from engine.logs import configure_logging; import structlog\n"
+        "configure_logging('info', 'json'); log = structlog.get_logger('t')\n"
+        "log.info('plain', message_id='m-1', size=3)\n"
+        "log.info('odd', big=2**70, keyed={1: 'x'}, thing=object())\n"
+        "log.debug('hidden', message_id='m-2')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(e["event"], e["level"]) for e in lines] == [("plain", "info"), ("odd", "info")]
+    assert lines[0]["message_id"] == "m-1" and lines[1]["big"] == 2**70 and lines[1]["keyed"] == {"1": "x"}
